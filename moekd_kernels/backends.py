@@ -1,0 +1,130 @@
+"""The backend registry: one table of name → implementation.
+
+Every backend implements the same contract (see ``reference.reference_forward``):
+
+    forward(student (N, C), teacher (L, N, C), target (N,), opts)
+        -> (loss (N,), log_likelihood (N,), agreement (N,), grad (N, C))
+
+``loss`` and the stats are float32 (float64 for float64 student logits), and
+``grad`` a new buffer in the student's dtype. Kernel modules are imported
+lazily, so a missing compiler or Triton only matters to the backend that needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("moekd_kernels")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str                      # module holding ``forward`` and ``unavailable_reason``
+    devices: Tuple[str, ...]         # device types the backend runs on
+    description: str
+
+    def load(self):
+        return importlib.import_module(self.module, __package__)
+
+    def unavailable_reason(self, device_type: str) -> Optional[str]:
+        """None when usable for tensors on ``device_type``, else why not."""
+        if device_type not in self.devices:
+            return f"backend {self.name!r} runs on {'/'.join(self.devices)} tensors, not {device_type}"
+        try:
+            module = self.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure makes it unavailable
+            return f"backend {self.name!r} could not be imported: {exc}"
+        return module.unavailable_reason(device_type)
+
+    def forward(self, *args):
+        return self.load().forward(*args)
+
+
+BACKENDS: Dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", ".reference", ("cpu", "cuda", "meta"),
+                "pure PyTorch closed form; any device"),
+        Backend("cpu", ".cpu_backend", ("cpu",),
+                "fused C++/OpenMP kernel, JIT-built with ninja"),
+        Backend("triton", ".triton_backend", ("cuda", "cpu"),
+                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1"),
+        Backend("cuda", ".cuda_backend", ("cuda",),
+                "fused CUDA C++ kernel, JIT-built with nvcc"),
+    )
+}
+
+# backend="auto": the first available entry for the tensors' device type, fastest first.
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+_FALLBACK = "reference"
+
+
+def backend_names() -> Tuple[str, ...]:
+    return ("auto",) + tuple(BACKENDS)
+
+
+def check_backend_name(name) -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def auto_backend(device_type: str) -> str:
+    """The backend ``"auto"`` picks for ``device_type``: fastest available first.
+
+    Decided once per device type and process, and logged; falling back to the
+    reference past an unavailable kernel warns once, with the reason.
+    """
+    skipped = []
+    chosen = _FALLBACK
+    for candidate in AUTO_ORDER.get(device_type, (_FALLBACK,)):
+        reason = BACKENDS[candidate].unavailable_reason(device_type)
+        if reason is None:
+            chosen = candidate
+            break
+        skipped.append(reason)
+    if skipped and chosen == _FALLBACK:
+        warnings.warn(
+            f"moekd_kernels: backend='auto' falls back to 'reference' on {device_type}: "
+            + "; ".join(skipped),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    logger.info("moekd_kernels: backend='auto' uses %r for %s tensors", chosen, device_type)
+    return chosen
+
+
+def describe_auto() -> str:
+    """E.g. "cpu: 'cpu', cuda: 'triton'" for the device types present in this process."""
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return ", ".join(f"{d}: {auto_backend(d)!r}" for d in device_types)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn "auto" into a concrete backend for ``device``; check explicit choices."""
+    check_backend_name(name)
+    device_type = torch.device(device).type
+    if name == "auto":
+        return auto_backend(device_type)
+    reason = BACKENDS[name].unavailable_reason(device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend={name!r} is not available: {reason}")
+    return name
+
+
+def available_backends(device_type: str = "cpu") -> Tuple[str, ...]:
+    """Names of the backends usable for tensors on ``device_type``."""
+    return tuple(n for n, b in BACKENDS.items() if b.unavailable_reason(device_type) is None)
+

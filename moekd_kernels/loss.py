@@ -1,0 +1,187 @@
+"""Public API: ``fused_moe_kd_loss`` and its ``nn.Module`` form ``MoEKDLoss``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .backends import check_backend_name, resolve_backend
+from .ops import moe_kd_rows
+from .options import (
+    PerLevel,
+    check_reduction,
+    check_target_values,
+    flatten_inputs,
+    resolve_options,
+)
+
+
+class MoEKDStats(NamedTuple):
+    """Per-row diagnostics, detached, shaped like ``target``; 0 at ignored rows.
+
+    float32 (float64 when the student logits are float64, like the loss).
+
+    log_likelihood: m = log Σ_ℓc w_ℓ π_ℓc p_ℓc(y), the marginal log-likelihood of the
+        label that EM increases.
+    agreement: a = Σ_ℓ r_ℓy, the posterior probability that the teacher's prediction
+        is the true label.
+    """
+
+    log_likelihood: Tensor
+    agreement: Tensor
+
+
+def fused_moe_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: PerLevel = 4.0,
+    expert_strength: PerLevel = 2.0,
+    level_weights: Optional[Sequence[float]] = None,
+    gate_weight: float = 1.0,
+    expert_weight: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_stats: bool = False,
+) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
+    """MoE-KD distillation loss with its gradient fused into the forward pass.
+
+    Args:
+        student_logits: ``(..., C)`` float32, bfloat16, float16 or float64.
+        teacher_logits: ``(..., C)`` for one level or ``(L, ..., C)`` for L levels;
+            any floating dtype. Treated as constants: they get no gradient.
+        target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``.
+        temperature: τ, one float or one per level (> 0).
+        expert_strength: β, one float or one per level (in [0, 50]).
+        level_weights: one weight per level (>= 0, normalised to sum 1); default uniform.
+        gate_weight: λ_g, weight of the gate term (student learns the corrected teacher).
+        expert_weight: λ_e, weight of the expert log-likelihood term.
+        ignore_index: rows with this target contribute 0 and get a zero gradient.
+        reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"``.
+        backend: ``"auto"`` or a name from ``moekd_kernels.backend_names()``.
+        return_stats: also return :class:`MoEKDStats`.
+
+    Returns:
+        The loss (float32; float64 for float64 logits), scalar or shaped like
+        ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
+    """
+    student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target)
+    opts = resolve_options(
+        teacher_3d.shape[0],
+        temperature=temperature,
+        expert_strength=expert_strength,
+        level_weights=level_weights,
+        gate_weight=gate_weight,
+        expert_weight=expert_weight,
+        ignore_index=ignore_index,
+    )
+    check_reduction(reduction)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
+    chosen = resolve_backend(backend, student_2d.device)
+
+    loss_rows, log_likelihood, agreement, _ = moe_kd_rows(
+        student_2d,
+        teacher_3d.detach(),
+        target_1d,
+        list(opts.temperatures),
+        list(opts.expert_strengths),
+        list(opts.level_weights),
+        opts.gate_weight,
+        opts.expert_weight,
+        opts.ignore_index,
+        chosen,
+    )
+
+    if reduction == "none":
+        loss = loss_rows.reshape(target.shape)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        # The divisor stays on the device (no host sync); 0 rows → 0 / 1 = 0.
+        num_valid = (target_1d != opts.ignore_index).sum().clamp_min(1)
+        loss = loss_rows.sum() / num_valid.to(loss_rows.dtype)
+
+    if not return_stats:
+        return loss
+    stats = MoEKDStats(log_likelihood.reshape(target.shape), agreement.reshape(target.shape))
+    return loss, stats
+
+
+class MoEKDLoss(nn.Module):
+    """``nn.Module`` form of :func:`fused_moe_kd_loss`, with the same options and defaults."""
+
+    def __init__(
+        self,
+        *,
+        temperature: PerLevel = 4.0,
+        expert_strength: PerLevel = 2.0,
+        level_weights: Optional[Sequence[float]] = None,
+        gate_weight: float = 1.0,
+        expert_weight: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        backend: str = "auto",
+        return_stats: bool = False,
+    ) -> None:
+        super().__init__()
+        # Fail at construction for what can be checked without the tensors.
+        check_reduction(reduction)
+        check_backend_name(backend)
+        num_levels = len(temperature) if isinstance(temperature, (list, tuple)) else 1
+        if num_levels == 1 and isinstance(expert_strength, (list, tuple)):
+            num_levels = len(expert_strength)
+        if num_levels == 1 and level_weights is not None and len(level_weights) > 0:
+            num_levels = len(level_weights)
+        resolve_options(
+            num_levels,
+            temperature=temperature,
+            expert_strength=expert_strength,
+            level_weights=level_weights,
+            gate_weight=gate_weight,
+            expert_weight=expert_weight,
+            ignore_index=ignore_index,
+        )
+        self.temperature = temperature
+        self.expert_strength = expert_strength
+        self.level_weights = level_weights
+        self.gate_weight = gate_weight
+        self.expert_weight = expert_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+        self.return_stats = return_stats
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor):
+        return fused_moe_kd_loss(
+            student_logits,
+            teacher_logits,
+            target,
+            temperature=self.temperature,
+            expert_strength=self.expert_strength,
+            level_weights=self.level_weights,
+            gate_weight=self.gate_weight,
+            expert_weight=self.expert_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            backend=self.backend,
+            return_stats=self.return_stats,
+        )
+
+    def extra_repr(self) -> str:
+        backend = self.backend
+        if backend == "auto":
+            from .backends import describe_auto
+
+            backend = f"auto ({describe_auto()})"
+        return (
+            f"temperature={self.temperature}, expert_strength={self.expert_strength}, "
+            f"level_weights={self.level_weights}, gate_weight={self.gate_weight}, "
+            f"expert_weight={self.expert_weight}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, backend={backend}"
+        )

@@ -1,0 +1,77 @@
+"""The registered op and its autograd: the glue every backend goes through.
+
+``moekd_kernels::moe_kd_rows`` is an opaque ``torch.library.custom_op``: it
+calls the chosen backend, which returns the per-row loss, the two per-row
+stats and the gradient of the per-row loss, computed in the forward pass.
+A fake (meta) implementation gives torch.compile the output shapes, so a
+compiled training step keeps the whole call in one graph whatever the
+backend (C++, CUDA or Triton) does inside.
+
+Backward only scales the saved gradient by the incoming per-row gradient.
+The reduction ("mean", "sum") is plain PyTorch on the per-row loss outside
+the op, so its autograd turns into that per-row scale.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import BACKENDS
+from .options import MoEKDOptions
+from .reference import accumulation_dtype
+
+
+@torch.library.custom_op("moekd_kernels::moe_kd_rows", mutates_args=())
+def moe_kd_rows(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor,
+    temperatures: List[float],
+    expert_strengths: List[float],
+    level_weights: List[float],
+    gate_weight: float,
+    expert_weight: float,
+    ignore_index: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad)."""
+    opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
+                        gate_weight, expert_weight, ignore_index)
+    return BACKENDS[backend].forward(student, teacher, target, opts)
+
+
+@moe_kd_rows.register_fake
+def _moe_kd_rows_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
+                      gate_weight, expert_weight, ignore_index, backend):
+    num_rows = student.shape[0]
+    acc = accumulation_dtype(student.dtype)
+    loss = student.new_empty((num_rows,), dtype=acc)
+    log_likelihood = student.new_empty((num_rows,), dtype=acc)
+    agreement = student.new_empty((num_rows,), dtype=acc)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    return loss, log_likelihood, agreement, grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, log_likelihood, agreement, grad = output
+    ctx.mark_non_differentiable(log_likelihood, agreement, grad)
+    ctx.set_materialize_grads(False)  # never build N×C zeros for the unused outputs
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
+    if grad_loss is None:
+        return (None,) * 10
+    (grad,) = ctx.saved_tensors
+    # Scaling in place keeps one N×C buffer alive instead of two. The version
+    # counter then makes a second backward through the same graph raise
+    # PyTorch's usual "modified by an inplace operation" error instead of
+    # returning a twice-scaled gradient.
+    grad_student = grad.mul_(grad_loss.unsqueeze(-1))
+    return (grad_student,) + (None,) * 9
+
+
+moe_kd_rows.register_autograd(_backward, setup_context=_setup_context)
