@@ -112,12 +112,13 @@ def describe_auto() -> str:
     return ", ".join(f"{d}: {auto_backend(d)!r}" for d in device_types)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Turn "auto" into a concrete backend for ``device``; check explicit choices."""
     check_backend_name(name)
     device_type = torch.device(device).type
     if name == "auto":
-        return auto_backend(device_type)
+        # The kernels accumulate in float32; float64 callers want float64 all the way.
+        return "reference" if dtype == torch.float64 else auto_backend(device_type)
     reason = BACKENDS[name].unavailable_reason(device_type)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available: {reason}")
