@@ -40,8 +40,12 @@ def _xlogy_safe(weight: Tensor, log_value: Tensor) -> Tensor:
 
 
 def _moe_kd_rows(s: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
-                 *, closed_form_grad: bool) -> _Rows:
-    """s (N, C) in the accumulation dtype, possibly requiring grad; teacher (L, N, C)."""
+                 *, closed_form_grad: bool, e_step_logits: Tensor | None = None) -> _Rows:
+    """s (N, C) in the accumulation dtype, possibly requiring grad; teacher (L, N, C).
+
+    The responsibilities come from ``e_step_logits`` when given (the E-step point),
+    else from ``s`` itself.
+    """
     num_rows, num_classes = s.shape
     acc = s.dtype
     valid = target != opts.ignore_index
@@ -53,7 +57,9 @@ def _moe_kd_rows(s: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
     log_sigma_y = log_sigma.gather(1, y).squeeze(1)
 
     with torch.no_grad():  # E-step: r carries no gradient
-        sigma0 = log_sigma.detach().exp()
+        log_sigma0 = (log_sigma if e_step_logits is None
+                      else F.log_softmax(e_step_logits.to(acc), dim=1)).detach()
+        sigma0 = log_sigma0.exp()
         u_levels = []
         for level, (tau, beta, w) in enumerate(
             zip(opts.temperatures, opts.expert_strengths, opts.level_weights)
@@ -66,7 +72,7 @@ def _moe_kd_rows(s: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
         G = u.sum(dim=(0, 2))                         # (N,)
         r = u / G[None, :, None]                      # Σ_ℓc r = 1
         agreement = r.gather(2, y.unsqueeze(0).expand(len(u_levels), -1, -1)).sum(dim=(0, 2))
-        log_likelihood = log_sigma_y.detach() + G.log()
+        log_likelihood = log_sigma0.gather(1, y).squeeze(1) + G.log()
 
     sigma = log_sigma.exp()
     expert_ll = log_sigma_y.clone()                   # Σ_ℓc r log p_ℓc(y), built up per level
@@ -131,14 +137,17 @@ def reference_forward(student: Tensor, teacher: Tensor, target: Tensor,
 
 
 def reference_loss_autograd(student: Tensor, teacher: Tensor, target: Tensor,
-                            opts: MoEKDOptions) -> Tensor:
+                            opts: MoEKDOptions, e_step_logits: Tensor | None = None) -> Tensor:
     """Per-row loss as a differentiable function of ``student`` with r held fixed.
 
     Autograd through this gives the M-step gradient independently of the closed
-    form, which is how the tests cross-check the two.
+    form, which is how the tests cross-check the two. With ``e_step_logits`` the
+    responsibilities are those of that point, so the result is the M-step
+    objective Q(s | s_0) as a function of s alone (what gradcheck can verify).
     """
     acc = accumulation_dtype(student.dtype)
-    return _moe_kd_rows(student.to(acc), teacher, target, opts, closed_form_grad=False).loss
+    return _moe_kd_rows(student.to(acc), teacher, target, opts, closed_form_grad=False,
+                        e_step_logits=e_step_logits).loss
 
 
 # Backend-registry entry points.

@@ -1,0 +1,46 @@
+"""The backend registry: one table, "auto" resolution, clear errors."""
+
+import pytest
+import torch
+
+from moekd_kernels import available_backends, backend_names, describe_auto
+from moekd_kernels.backends import AUTO_ORDER, BACKENDS, auto_backend, check_backend_name, resolve_backend
+
+
+def test_table_lists_every_backend_once():
+    assert backend_names() == ("auto", "reference", "cpu", "triton", "cuda")
+    for name, backend in BACKENDS.items():
+        assert backend.name == name and backend.devices and backend.description
+    for order in AUTO_ORDER.values():
+        assert set(order) <= set(BACKENDS) and order[-1] == "reference"
+
+
+def test_reference_is_always_available_on_cpu():
+    assert "reference" in available_backends("cpu")
+    assert BACKENDS["reference"].unavailable_reason("cpu") is None
+
+
+def test_auto_picks_the_first_available_backend_in_order():
+    chosen = auto_backend("cpu")
+    for candidate in AUTO_ORDER["cpu"]:
+        if BACKENDS[candidate].unavailable_reason("cpu") is None:
+            assert chosen == candidate
+            break
+    assert f"cpu: {chosen!r}" in describe_auto()
+
+
+def test_float64_goes_to_the_reference_under_auto():
+    assert resolve_backend("auto", torch.device("cpu"), torch.float64) == "reference"
+
+
+def test_device_type_mismatch_is_explained():
+    reason = BACKENDS["cpu"].unavailable_reason("cuda")
+    assert reason is not None and "cpu" in reason
+    with pytest.raises(RuntimeError, match="cuda"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("bad", ["", "CPU", None, 3])
+def test_unknown_names_raise_value_error(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        check_backend_name(bad)
