@@ -1,0 +1,149 @@
+"""Backend "triton": the fused Triton kernel (moekd_kernels/triton_kernels.py).
+
+CUDA tensors run the compiled kernel. CPU tensors run it under Triton's
+interpreter, which Triton enables when ``TRITON_INTERPRET=1`` is set before
+it is imported; that is how the tests exercise the kernel without a GPU.
+
+The launch path never synchronises with the device: per-level constants go in
+as kernel arguments (tuples of floats, no host-to-device copy), and the grid
+is one program per row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .options import MoEKDOptions
+
+try:
+    import triton
+
+    from . import triton_kernels
+    _IMPORT_ERROR: Optional[BaseException] = None
+except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+    triton = None
+    triton_kernels = None
+    _IMPORT_ERROR = exc
+
+STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TEACHER_DTYPES = STUDENT_DTYPES + (torch.float64,)
+
+# The launch table, in one place. A block is LP×BLOCK teacher values plus BLOCK
+# student values (LP = L rounded up to a power of two). On a GPU, up to MAX_TILE
+# values per block stay in registers, so rows up to that many classes (for L = 1)
+# take the single-block path: one read of s and t. The interpreter runs numpy on
+# each block, where a smaller tile keeps memory low and still leaves a multi-block
+# row at modest C for the tests.
+MAX_TILE = {"cuda": 8192, "cpu": 4096}
+MIN_BLOCK = 16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def launch_config(num_classes: int, num_levels: int, device_type: str) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for a row of ``num_classes`` classes and ``num_levels`` levels."""
+    levels_padded = _next_pow2(num_levels)
+    max_block = max(MIN_BLOCK, MAX_TILE.get(device_type, MAX_TILE["cuda"]) // levels_padded)
+    block = max(MIN_BLOCK, min(_next_pow2(num_classes), max_block))
+    tile = block * levels_padded
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 4096 else 16
+    return block, num_warps
+
+
+def _interpreted() -> bool:
+    # Triton picks the interpreter when a kernel is decorated, i.e. when
+    # triton_kernels was imported; the environment variable alone is not enough.
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton_kernels.moe_kd_row_kernel, InterpretedFunction)
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return f"Triton could not be imported ({_IMPORT_ERROR}); install it with `pip install triton`"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available to this PyTorch build"
+        return None
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
+                    "before importing triton")
+        if not _interpreted():
+            return ("TRITON_INTERPRET=1 was set after triton or moekd_kernels.triton_kernels "
+                    "was imported; set it before importing them")
+        return None
+    return f"the Triton backend runs on cuda (or cpu under TRITON_INTERPRET=1), not {device_type}"
+
+
+def _check(student: Tensor, teacher: Tensor, target: Tensor) -> None:
+    if student.dtype not in STUDENT_DTYPES:
+        raise TypeError(
+            f"student_logits must be float32, bfloat16 or float16 for backend 'triton', got "
+            f"{student.dtype} (float64 runs on backend='reference', which 'auto' picks for it)"
+        )
+    if teacher.dtype not in TEACHER_DTYPES:
+        raise TypeError(f"teacher_logits must be a floating tensor for backend 'triton', got {teacher.dtype}")
+    if student.dim() != 2 or teacher.dim() != 3 or target.dim() != 1:
+        raise ValueError(
+            f"backend 'triton' takes student (N, C), teacher (L, N, C), target (N,), got "
+            f"{tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(target.shape)}"
+        )
+
+
+def forward(student: Tensor, teacher: Tensor, target: Tensor,
+            opts: MoEKDOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch."""
+    _check(student, teacher, target)
+    num_rows, num_classes = student.shape
+    num_levels = teacher.shape[0]
+    # Any row and level strides go to the kernel; a strided class axis is rare
+    # enough (a transposed view) to copy rather than to specialise the loads for.
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    if teacher.stride(2) != 1:
+        teacher = teacher.contiguous()
+    target = target.contiguous()
+
+    device = student.device
+    loss = torch.empty(num_rows, dtype=torch.float32, device=device)
+    log_likelihood = torch.empty(num_rows, dtype=torch.float32, device=device)
+    agreement = torch.empty(num_rows, dtype=torch.float32, device=device)
+    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device)
+    if num_rows == 0:
+        return loss, log_likelihood, agreement, grad
+
+    block, num_warps = launch_config(num_classes, num_levels, device.type)
+    taus = opts.temperatures
+    betas = opts.expert_strengths
+    # The constants are rounded to float32 from double, as make_params does in C++.
+    triton_kernels.moe_kd_row_kernel[(num_rows,)](
+        student, student.stride(0),
+        teacher, teacher.stride(0), teacher.stride(1),
+        target,
+        loss, log_likelihood, agreement,
+        grad, grad.stride(0),
+        num_classes, opts.ignore_index,
+        tuple(float(t) for t in taus),
+        tuple(1.0 / t for t in taus),
+        tuple(float(b) for b in betas),
+        tuple(math.exp(b) for b in betas),
+        tuple(math.expm1(b) for b in betas),
+        tuple(float(w) for w in opts.level_weights),
+        float(opts.gate_weight), float(opts.expert_weight),
+        L=num_levels,
+        LP=_next_pow2(num_levels),
+        BLOCK=block,
+        SINGLE_BLOCK=num_classes <= block,
+        HAS_EXPERT=opts.expert_weight != 0.0,
+        HAS_GATE=opts.gate_weight != 0.0,
+        num_warps=num_warps,
+    )
+    return loss, log_likelihood, agreement, grad
