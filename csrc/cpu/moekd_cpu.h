@@ -1,0 +1,49 @@
+// Fused MoE-KD rows on the CPU: loss, stats and gradient in one call.
+//
+// Framework-free (raw pointers, element strides, moekd::Params) so the kernel
+// compiles and can be tested without PyTorch; csrc/cpu/binding.cpp is the only
+// file that knows about tensors.
+#pragma once
+
+#include <cstdint>
+
+#include "common/moekd_math.h"
+
+namespace moekd {
+namespace cpu {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One call's tensors. Strides are in elements; the class dimension is contiguous.
+struct RowsArgs {
+  int64_t num_rows = 0;
+  int64_t num_classes = 0;
+
+  const void* student = nullptr;      // (N, C)
+  DType student_dtype = DType::kFloat32;
+  int64_t student_row_stride = 0;
+
+  const void* teacher = nullptr;      // (L, N, C); L = Params::num_levels
+  DType teacher_dtype = DType::kFloat32;
+  int64_t teacher_level_stride = 0;
+  int64_t teacher_row_stride = 0;
+
+  const int64_t* target = nullptr;    // (N,), contiguous
+
+  float* loss = nullptr;              // (N,) outputs, contiguous
+  float* log_likelihood = nullptr;
+  float* agreement = nullptr;
+  void* grad = nullptr;               // (N, C) in student_dtype, contiguous
+};
+
+// Fills every output row: ignored rows get zeros, rows whose target is out of
+// [0, C) get NaN loss/stats/gradient (never an out-of-bounds read).
+// Rows are split over num_threads OpenMP threads (<= 0: the OpenMP default).
+void moe_kd_rows(const RowsArgs& args, const Params& params, int num_threads);
+
+// exp and log as the kernel evaluates them, exposed for the accuracy tests.
+float exp_for_test(float x);
+float log_for_test(float x);
+
+}  // namespace cpu
+}  // namespace moekd
