@@ -196,7 +196,10 @@ def moe_kd_row_kernel(
                 m_t = mt_new
         base_s = _finite_base(m_s)
         lse_s = base_s + tl.log(z_s)                       # LSE(s); −inf only for an all-masked row
-        log_zq = tl.log(z_q)                               # log q_ℓc = (s_c − b_s)/τ_ℓ − log_zq_ℓ
+        if HAS_GATE:
+            log_zq = tl.log(z_q)                           # log q_ℓc = (s_c − b_s)/τ_ℓ − log_zq_ℓ
+        else:
+            log_zq = tl.zeros([LP], tl.float32)            # q is not needed
         base_t = _finite_base(m_t)
         log_zt = tl.log(tl.where(level_ok, z_t, 1.0))      # π_ℓc = exp((t_ℓc − b_t)/τ_ℓ − log_zt_ℓ)
 

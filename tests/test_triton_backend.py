@@ -1,0 +1,343 @@
+"""Backend "triton" against the float64 oracle.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1 before anything imports
+Triton, and the kernel runs on CPU tensors under Triton's interpreter. With a
+GPU the same tests run the compiled kernel on CUDA tensors.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from moekd_kernels import fused_moe_kd_loss
+from moekd_kernels import triton_backend
+from moekd_kernels.backends import BACKENDS, resolve_backend
+from moekd_kernels.options import resolve_options
+from oracle import Case, check_backend, classic_kd, float64_oracle, make_case, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REASON = BACKENDS["triton"].unavailable_reason(DEVICE)
+if DEVICE == "cpu" and triton_backend._IMPORT_ERROR is None:
+    # Triton is installed (CI installs it): the interpreter must work, so a
+    # broken TRITON_INTERPRET setup fails test_interpreter_is_effective
+    # instead of silently skipping every kernel test.
+    requires_triton = pytest.mark.skipif(False, reason="")
+else:
+    requires_triton = pytest.mark.skipif(_REASON is not None, reason=f"backend 'triton': {_REASON}")
+
+pytestmark = requires_triton
+
+BLOCK = triton_backend.launch_config(10**9, 1, DEVICE)[0]   # the largest block for L = 1
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _opts(num_levels, **options):
+    defaults = dict(temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
+                    expert_weight=1.0, ignore_index=-100)
+    return resolve_options(num_levels, **{**defaults, **options})
+
+
+def _check_rows(out, case, tol):
+    """Backend-level outputs (loss, ll, agreement, grad) against the float64 oracle."""
+    loss, ll, agreement, grad = out
+    exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(case)
+    errs = {"loss": rel_err(loss, exp_loss), "grad": rel_err(grad, exp_grad),
+            "log_likelihood": rel_err(ll, exp_ll), "agreement": rel_err(agreement, exp_agree)}
+    for name, err in errs.items():
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g}"
+    return errs
+
+
+@pytest.fixture
+def small_tile(monkeypatch):
+    """A 32-value tile on this device, so rows of a few dozen classes take the multi-block path."""
+    monkeypatch.setitem(triton_backend.MAX_TILE, DEVICE, 32)
+    return triton_backend.launch_config(10**9, 1, DEVICE)[0]
+
+
+def test_interpreter_is_effective():
+    if DEVICE == "cuda":
+        assert _REASON is None
+        return
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py must set TRITON_INTERPRET=1"
+    assert _REASON is None, _REASON
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"
+
+
+def test_launch_table():
+    for num_classes in (1, 2, 100, 4096, 4097, 131073):
+        for num_levels in (1, 2, 3, 5):
+            block, num_warps = triton_backend.launch_config(num_classes, num_levels, DEVICE)
+            assert block & (block - 1) == 0 and block >= triton_backend.MIN_BLOCK
+            assert num_warps in (4, 8, 16)
+    assert triton_backend.launch_config(BLOCK, 1, DEVICE)[0] == BLOCK
+    assert triton_backend.launch_config(BLOCK + 1, 1, DEVICE)[0] == BLOCK   # → multi-block
+
+
+# C = 1, 2, 127 take the single-block path, BLOCK + 1 and 131073 loop over blocks.
+# Few rows for large C, and for C = 131073 only L = 1, 3 with float32 and bfloat16:
+# the interpreter's time grows with the number of blocks.
+ORACLE_CASES = [
+    (num_classes, num_rows, num_levels, dtype)
+    for num_classes, num_rows in [(1, 6), (2, 8), (127, 8), (BLOCK + 1, 4), (131073, 2)]
+    for num_levels in (1, 2, 3)
+    for dtype in FLOAT_DTYPES
+    if num_classes != 131073 or (num_levels != 2 and dtype != torch.float16)
+]
+
+
+@pytest.mark.parametrize("num_classes,num_rows,num_levels,dtype", ORACLE_CASES, ids=str)
+def test_matches_oracle(num_classes, num_rows, num_levels, dtype):
+    case = make_case(num_rows, num_classes, num_levels, dtype=dtype, device=DEVICE,
+                     seed=num_classes + 7 * num_levels, ignore_frac=0.25,
+                     temperature=[2.0, 4.0, 1.5][:num_levels], expert_strength=[2.0, 0.5, 6.0][:num_levels])
+    check_backend("triton", case)
+
+
+@pytest.mark.parametrize("num_levels", [1, 3])
+def test_multi_block_with_small_tiles(small_tile, num_levels):
+    assert triton_backend.launch_config(127, num_levels, DEVICE)[0] < 127
+    case = make_case(6, 127, num_levels, device=DEVICE, seed=3, level_weights=[1.0, 0.0, 2.0][:num_levels])
+    check_backend("triton", case)
+
+
+def test_masked_classes_in_whole_blocks(small_tile):
+    """−inf logits (padding) fill the first blocks entirely and part of the last: no NaN."""
+    num_classes = 7 * small_tile + 5
+    case = make_case(6, num_classes, 2, device=DEVICE, seed=5, ignore_frac=0.0)
+    masked = torch.zeros(num_classes, dtype=torch.bool)
+    masked[: 2 * small_tile + 3] = True
+    masked[-2:] = True
+    masked_teacher_only = torch.zeros(num_classes, dtype=torch.bool)
+    masked_teacher_only[3 * small_tile: 3 * small_tile + 4] = True
+    student = case.student.masked_fill(masked.to(DEVICE), float("-inf"))
+    teacher = case.teacher.masked_fill((masked | masked_teacher_only).to(DEVICE), float("-inf"))
+    target = torch.randint(2 * small_tile + 3, num_classes - 2, (6,)).to(DEVICE)
+    case = Case(student, teacher, target)
+    check_backend("triton", case)
+
+
+def test_masked_classes_single_block():
+    case = make_case(6, 50, 2, device=DEVICE, seed=6, ignore_frac=0.0)
+    masked = (torch.arange(50) % 7 == 3).to(DEVICE)
+    case = Case(case.student.masked_fill(masked, float("-inf")),
+                case.teacher.masked_fill(masked, float("-inf")),
+                torch.where(masked[case.target], 0, case.target))
+    check_backend("triton", case)
+
+
+@pytest.mark.parametrize("num_classes", [40, 200])
+def test_masked_target_gives_inf_loss_and_finite_grad(num_classes):
+    """Like F.cross_entropy: a −inf target logit in the student gives +inf, not NaN."""
+    s = 3 * torch.randn(3, num_classes)
+    t = 3 * torch.randn(1, 3, num_classes)
+    y = torch.tensor([1, 5, 7])
+    s[0, 1] = float("-inf")
+    opts = _opts(1)
+    loss, ll, agreement, grad = triton_backend.forward(s.to(DEVICE), t.to(DEVICE), y.to(DEVICE), opts)
+    ref_loss, ref_ll, ref_agree, ref_grad = BACKENDS["reference"].forward(s, t, y, opts)
+    assert loss[0].item() == math.inf and ll[0].item() == -math.inf
+    assert torch.isfinite(grad).all()
+    assert rel_err(loss, ref_loss) <= 1e-5 and rel_err(grad, ref_grad) <= 1e-5
+    assert rel_err(agreement, ref_agree) <= 1e-5
+
+
+def test_nan_propagates_to_its_row_only():
+    case = make_case(4, 300, 2, device=DEVICE, seed=8, ignore_frac=0.0)
+    student, teacher = case.student.clone(), case.teacher.clone()
+    student[1, 17] = float("nan")
+    teacher[1, 2, 250] = float("nan")
+    loss, ll, agreement, grad = triton_backend.forward(student, teacher, case.target, _opts(2))
+    for rows in (loss, ll, agreement):
+        assert rows[1:3].isnan().all() and torch.isfinite(rows[[0, 3]]).all()
+    assert grad[1:3].isnan().any(dim=1).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("num_classes", [33, BLOCK + 1])
+def test_reductions_and_grad_output(reduction, num_classes):
+    case = make_case(6, num_classes, 2, device=DEVICE, seed=11, ignore_frac=0.3, temperature=[1.0, 3.0])
+    results = {}
+    for backend in ("triton", "reference"):
+        student = case.student.clone().requires_grad_(True)
+        loss = fused_moe_kd_loss(student, case.teacher, case.target, reduction=reduction,
+                                 backend=backend, **case.options)
+        grad_out = torch.linspace(-1.5, 2.5, loss.numel(), device=DEVICE).reshape(loss.shape)
+        loss.backward(grad_out)
+        results[backend] = (loss.detach(), student.grad)
+    assert rel_err(results["triton"][0], results["reference"][0]) <= 1e-5
+    assert rel_err(results["triton"][1], results["reference"][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("num_classes", [9, BLOCK + 1])
+def test_all_ignored_batch(reduction, num_classes):
+    student = torch.randn(3, num_classes, device=DEVICE, requires_grad=True)
+    loss = fused_moe_kd_loss(student, torch.randn(2, 3, num_classes, device=DEVICE),
+                             torch.full((3,), -1, device=DEVICE), ignore_index=-1,
+                             reduction=reduction, backend="triton")
+    assert (loss == 0).all()
+    loss.sum().backward()
+    assert (student.grad == 0).all()
+
+
+def test_ignored_rows_are_exactly_zero_in_a_fresh_buffer():
+    case = make_case(8, 70, 1, device=DEVICE, seed=12, ignore_frac=0.5, ignore_index=3)
+    ignored = case.target == 3
+    assert ignored.any() and not ignored.all()
+    loss, ll, agreement, grad = triton_backend.forward(case.student, case.teacher.unsqueeze(0),
+                                                       case.target, _opts(1, ignore_index=3))
+    for rows in (loss, ll, agreement):
+        assert (rows[ignored] == 0).all()
+    assert (grad[ignored] == 0).all() and (grad[~ignored] != 0).any(dim=1).all()
+
+
+@pytest.mark.parametrize("dtype,teacher_dtype", [
+    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.bfloat16), (torch.float32, torch.float64)], ids=str)
+def test_mixed_teacher_dtype(dtype, teacher_dtype):
+    case = make_case(6, 90, 2, dtype=dtype, teacher_dtype=teacher_dtype, device=DEVICE, seed=13)
+    check_backend("triton", case)
+
+
+def test_int32_target():
+    case = make_case(6, 40, 1, device=DEVICE, seed=14)
+    check_backend("triton", Case(case.student, case.teacher, case.target.int()))
+
+
+def test_strided_inputs():
+    """Row strides for student and teacher, a level-major teacher view, a transposed student."""
+    num_rows, num_classes, num_levels = 5, 60, 3
+    g = torch.Generator().manual_seed(15)
+    wide = 3 * torch.randn(num_rows, num_classes + 13, generator=g)
+    student = wide[:, 5:5 + num_classes]                                         # row stride C + 13
+    row_major = 3 * torch.randn(num_rows, num_levels, num_classes, generator=g)
+    teacher = row_major.permute(1, 0, 2)                                         # level stride C
+    target = torch.randint(0, num_classes, (num_rows,), generator=g)
+    target[2] = -100
+    contiguous = Case(student.contiguous(), teacher.contiguous(), target)
+    opts = _opts(num_levels)
+    dev = [x.to(DEVICE) for x in (wide, row_major)]
+    out = triton_backend.forward(dev[0][:, 5:5 + num_classes], dev[1].permute(1, 0, 2),
+                                 target.to(DEVICE), opts)
+    _check_rows(out, contiguous, 1e-5)
+    # The class axis strided (a transposed view): copied, same result.
+    transposed = student.t().contiguous().t()
+    assert transposed.stride(1) != 1
+    out_t = triton_backend.forward(transposed.to(DEVICE), teacher.to(DEVICE), target.to(DEVICE), opts)
+    assert all(torch.equal(a, b) for a, b in zip(out, out_t))
+    # One teacher for every level, broadcast with level stride 0.
+    shared = teacher[:1].expand(num_levels, -1, -1)
+    out_e = triton_backend.forward(student.to(DEVICE), shared.to(DEVICE), target.to(DEVICE), opts)
+    _check_rows(out_e, Case(student, shared.contiguous(), target), 1e-5)
+
+
+def test_strided_student_through_public_api():
+    wide = (3 * torch.randn(6, 48, device=DEVICE)).requires_grad_(True)
+    teacher = 3 * torch.randn(6, 40, device=DEVICE)
+    target = torch.tensor([0, 39, 5, -100, 7, 12], device=DEVICE)
+    loss = fused_moe_kd_loss(wide[:, 4:44], teacher, target, reduction="sum", backend="triton")
+    loss.backward()
+    student = wide.detach()[:, 4:44].clone().requires_grad_(True)
+    fused_moe_kd_loss(student, teacher, target, reduction="sum", backend="reference").backward()
+    assert rel_err(wide.grad[:, 4:44], student.grad) <= 1e-5
+    assert (wide.grad[:, :4] == 0).all() and (wide.grad[:, 44:] == 0).all()
+
+
+@pytest.mark.parametrize("gate_weight,expert_weight", [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (0.3, 1.7)])
+def test_term_weights(gate_weight, expert_weight):
+    case = make_case(6, 45, 2, device=DEVICE, seed=16, gate_weight=gate_weight,
+                     expert_weight=expert_weight, expert_strength=[0.0, 50.0])
+    check_backend("triton", case)
+
+
+@pytest.mark.parametrize("num_classes", [30, BLOCK + 1])
+def test_beta_zero_is_classic_kd(num_classes):
+    """β = 0, L = 1: r = π, and the loss is Hinton KD plus the constant λ_g τ² H(π)."""
+    tau, lam_g, lam_e = 2.5, 0.7, 1.3
+    case = make_case(6, num_classes, 1, device=DEVICE, seed=17, ignore_frac=0.3)
+    options = dict(temperature=tau, expert_strength=0.0, gate_weight=lam_g, expert_weight=lam_e)
+    student = case.student.clone().requires_grad_(True)
+    loss = fused_moe_kd_loss(student, case.teacher, case.target, reduction="none",
+                             backend="triton", **options)
+    grad_out = torch.rand(6, device=DEVICE) + 0.5
+    loss.backward(grad_out)
+    s64 = case.student.double().requires_grad_(True)
+    t64 = case.teacher.double()
+    classic = classic_kd(s64, t64, case.target, temperature=tau, gate_weight=lam_g, expert_weight=lam_e)
+    classic.backward(grad_out.double())
+    log_pi = torch.log_softmax(t64 / tau, dim=-1)
+    entropy = -(log_pi.exp() * log_pi).sum(-1)
+    valid = case.target != -100
+    expected = classic.detach() + torch.where(valid, lam_g * tau ** 2 * entropy, 0.0)
+    assert rel_err(loss, expected) <= 1e-5
+    assert rel_err(student.grad, s64.grad) <= 1e-5
+
+
+def test_out_of_range_targets_give_nan_rows_without_reading_out_of_bounds():
+    """The public API rejects these on CPU; the kernel's own guard is tested directly."""
+    case = make_case(5, 50, 2, device=DEVICE, seed=18, ignore_frac=0.0)
+    target = case.target.clone()
+    target[1] = 50
+    target[3] = -7
+    # The student ends right at row 4's last class: a read at a target ≥ C would leave it.
+    loss, ll, agreement, grad = triton_backend.forward(case.student, case.teacher, target, _opts(2))
+    bad = torch.tensor([False, True, False, True, False], device=DEVICE)
+    for rows in (loss, ll, agreement):
+        assert rows[bad].isnan().all() and torch.isfinite(rows[~bad]).all()
+    assert grad[bad].isnan().all() and torch.isfinite(grad[~bad]).all()
+    good = Case(case.student[~bad], case.teacher[:, ~bad], target[~bad])
+    _check_rows((loss[~bad], ll[~bad], agreement[~bad], grad[~bad]), good, 1e-5)
+
+
+def test_empty_batch():
+    out = triton_backend.forward(torch.randn(0, 7, device=DEVICE), torch.randn(2, 0, 7, device=DEVICE),
+                                 torch.zeros(0, dtype=torch.long, device=DEVICE), _opts(2))
+    assert [tuple(x.shape) for x in out] == [(0,), (0,), (0,), (0, 7)]
+
+
+def test_float64_student_is_refused_with_its_name():
+    with pytest.raises(TypeError, match="student_logits"):
+        triton_backend.forward(torch.randn(2, 3, dtype=torch.float64), torch.randn(1, 2, 3),
+                               torch.tensor([0, 1]), _opts(1))
+    with pytest.raises(TypeError, match="student_logits"):
+        fused_moe_kd_loss(torch.randn(2, 3, dtype=torch.float64, device=DEVICE),
+                          torch.randn(2, 3, device=DEVICE), torch.tensor([0, 1], device=DEVICE),
+                          backend="triton")
+
+
+def test_unavailable_reasons_are_clear():
+    assert "cuda" in triton_backend.unavailable_reason("mps")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason("cpu")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+def test_cuda_launch_never_syncs_and_auto_picks_triton():
+    case = make_case(64, 5000, 2, dtype=torch.bfloat16, device="cuda", seed=19)
+    student = case.student.clone().requires_grad_(True)
+    fused_moe_kd_loss(student, case.teacher, case.target, backend="triton").backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_backend.forward(case.student, case.teacher, case.target, _opts(2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device and ~4.3 GB of its memory")
+def test_cuda_row_offsets_past_int32():
+    """A row stride of 2^31 elements: the row offset needs 64 bits."""
+    num_classes = 1000
+    buffer = torch.empty(2 ** 31 + num_classes, dtype=torch.bfloat16, device="cuda")
+    student = buffer.as_strided((2, num_classes), (2 ** 31, 1))
+    student.copy_(3 * torch.randn(2, num_classes, device="cuda"))
+    teacher = 3 * torch.randn(1, 2, num_classes, device="cuda")
+    target = torch.tensor([3, 999], device="cuda")
+    out = triton_backend.forward(student, teacher, target, _opts(1))
+    ref = triton_backend.forward(student.contiguous(), teacher, target, _opts(1))
+    del buffer, student
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
