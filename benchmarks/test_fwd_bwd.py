@@ -74,7 +74,7 @@ def test_fwd_bwd(benchmark, bench_results, shape, dtype_name, impl_name):
     benchmark.extra_info.update(
         impl=impl_name, backend=impl.is_backend, dtype=dtype_name, device=DEVICE,
         rows=result.rows, classes=shape.classes, levels=shape.levels,
-        bytes=prepared.num_bytes, gbps=round(result.gbps, 3),
+        bytes=prepared.num_bytes, gbps=result.gbps, median_ms=result.median_ms,
         first_call_s=round(prepared.first_call_s, 3),
         **({"compile_s": round(result.compile_s, 3)} if result.compile_s is not None else {}),
         **({"peak_extra_gb": round(result.peak_extra_gb, 3)} if peak is not None else {}),

@@ -282,6 +282,12 @@ class Impl:
     loss_fn: Callable[..., Tensor]   # (student, teacher, target, **options) -> scalar loss
     is_backend: bool
 
+    @property
+    def shrinkable(self) -> bool:
+        """May run on fewer rows when out of memory: the unfused PyTorch implementations,
+        whose N×C temporaries are what they are; never a fused kernel."""
+        return not self.is_backend or self.name == "reference"
+
 
 def package_loss(backend: str) -> Callable[..., Tensor]:
     from .loss import fused_moe_kd_loss
@@ -528,9 +534,9 @@ def prepare_step(impl: Impl, shape: Shape, dtype: torch.dtype, device, *, inputs
                  min_rows: int = 1, log=print) -> PreparedStep:
     """Build ``impl``'s fwd+bwd step at ``shape`` and run it once (compiling, if it must).
 
-    A baseline that runs out of memory is retried on half the rows, down to ``min_rows``,
-    and the note says so: its throughput still compares per row. A package backend is
-    never shrunk: an OOM there is a finding, and raises.
+    An unfused implementation (``Impl.shrinkable``) that runs out of memory is retried on
+    half the rows, down to ``min_rows``, and the note says so: its throughput still
+    compares per row. A fused backend is never shrunk: an OOM there is a finding, and raises.
     """
     device = torch.device(device)
     rows = shape.rows
@@ -549,7 +555,7 @@ def prepare_step(impl: Impl, shape: Shape, dtype: torch.dtype, device, *, inputs
             first_s = time.perf_counter() - start
             break
         except Exception as exc:  # noqa: BLE001 - only OOM is retried
-            if impl.is_backend or not _is_oom(exc) or rows // 2 < min_rows:
+            if not impl.shrinkable or not _is_oom(exc) or rows // 2 < min_rows:
                 raise
             log(f"[bench] {impl.name} {DTYPE_NAMES.get(dtype, dtype)} {run_shape.label}: "
                 f"out of memory, retrying with N={rows // 2}")
@@ -563,14 +569,15 @@ def prepare_step(impl: Impl, shape: Shape, dtype: torch.dtype, device, *, inputs
 
 
 def measure_impl(impl: Impl, shape: Shape, dtype: torch.dtype, device, *, target_s: float = 1.0,
-                 min_rows: int = 1, log=print, inputs=None, memory: bool = True) -> Result:
+                 min_rows: int = 1, log=print, inputs=None, memory: bool = True,
+                 min_reps: int = 5) -> Result:
     """Time one implementation's fwd+bwd at ``shape`` (see ``prepare_step``).
 
     ``compile_s`` (compiled_moekd only) is the first call's excess over a steady call.
     """
     prepared = prepare_step(impl, shape, dtype, device, inputs=inputs, min_rows=min_rows, log=log)
     peak = peak_extra_bytes(prepared.step, device) if memory else None
-    timing = time_fn(prepared.step, device, warmup=1, target_s=target_s)
+    timing = time_fn(prepared.step, device, warmup=1, target_s=target_s, min_reps=min_reps)
     compile_s = None
     if impl.name == "compiled_moekd":
         compile_s = max(prepared.first_call_s - timing.median_s, 0.0)

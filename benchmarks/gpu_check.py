@@ -1,0 +1,572 @@
+"""One command for a lent GPU: correctness, speed, bandwidth and memory of every backend.
+
+    python benchmarks/gpu_check.py                  # full check, ~5 min on an H100
+    python benchmarks/gpu_check.py --quick          # fewer shapes and cases
+    python benchmarks/gpu_check.py --sweep          # also sweep the launch configs
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --tiny   # CPU smoke test (the tests run this)
+
+Sections, each case guarded so that one failure is logged and the rest still runs:
+
+1. environment: card, driver, versions, which backends are usable (and why not);
+2. correctness of each backend on the device against float64 computed on the CPU by
+   ``moekd_kernels.reference`` (itself held to the naive float64 oracle by the tests):
+   fp32/bf16/fp16, C up to 262144, L = 1 and 3, ignored rows, a few dozen rows per case;
+3. device-to-device copy bandwidth (bytes read + written);
+4. fwd+bwd timing with CUDA events at N=16384, C ∈ {4096, 32768, 131072, 262144}, bf16
+   and fp32: the backends against eager_moekd, compiled_moekd, eager_classic_kd and Liger's
+   classic KD when ``liger_kernel`` imports; GB/s, % of copy bandwidth, peak memory;
+5. with ``--sweep``: a sweep of the launch table of every backend module that has a
+   ``launch_config(num_classes, num_levels, device_type) -> (BLOCK, num_warps, ...)``
+   function (the module may define ``SWEEP_SPACE``, a list of such tuples).
+
+Output goes to the console as it happens and to ``--out`` (default ``$OUT``, else
+./gpu_check_out): gpu_check.log (everything), gpu_check.json (all results, rewritten after
+each case, so a killed run keeps what it measured) and gpu_check.md (the final tables).
+Past ``--budget-s`` seconds of wall time, the remaining timing and sweep cases are
+skipped and listed. Exit status 1 when a correctness check fails or a section errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Relative-error bounds against float64 (the test suite's, tests/oracle.py).
+TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 3e-2}
+# The options used by correctness cases with several levels: unequal everything.
+LEVEL3_OPTIONS = {"temperature": [1.0, 2.0, 4.0], "expert_strength": [0.5, 2.0, 8.0],
+                  "level_weights": [1.0, 2.0, 3.0], "gate_weight": 0.7, "expert_weight": 1.3}
+# Sweep candidates for Triton-style (BLOCK, num_warps) launch tables.
+DEFAULT_SWEEP = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16, 32)
+                 if not (b >= 8192 and w == 4)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out",
+                   help="folder for gpu_check.log/.json/.md (default $OUT, else ./gpu_check_out)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer correctness cases and shapes")
+    mode.add_argument("--tiny", action="store_true",
+                      help="CPU, tiny sizes, Triton under its interpreter: checks the script itself")
+    p.add_argument("--sweep", action="store_true", help="also sweep the backends' launch configs")
+    p.add_argument("--sweep-only", action="store_true", help="environment, bandwidth and the sweep only")
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="wall-clock seconds after which timing/sweep cases are skipped (default 330)")
+    p.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends to check (default: every usable one)")
+    p.add_argument("--dtypes", default=None, help="timing dtypes (default bf16,fp32)")
+    p.add_argument("--shapes", default=None, help="timing shapes NxC[xL],... (default: the GPU table)")
+    p.add_argument("--no-compile", action="store_true", help="leave out compiled_moekd")
+    p.add_argument("--no-liger", action="store_true", help="leave out Liger's classic KD")
+    p.add_argument("--skip-correctness", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--time-per-case", type=float, default=0.3,
+                   help="seconds of timed calls per timing case (default 0.3)")
+    return p.parse_args(argv)
+
+
+class Report:
+    """Console + log file + a JSON of everything so far, all written as they come."""
+
+    def __init__(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
+        self.start = time.perf_counter()
+        self.log_file = open(os.path.join(out_dir, "gpu_check.log"), "w", encoding="utf-8", buffering=1)
+        self.data = {"env": {}, "backends": {}, "copy_gbps": None, "correctness": [], "timing": [],
+                     "sweep": [], "skipped": [], "errors": []}
+
+    def elapsed(self):
+        return time.perf_counter() - self.start
+
+    def log(self, msg=""):
+        line = f"[{self.elapsed():6.1f}s] {msg}" if msg else ""
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+
+    def error(self, where, exc):
+        self.log(f"ERROR in {where}: {type(exc).__name__}: {exc}")
+        tb = traceback.format_exc()
+        self.log_file.write(tb + "\n")
+        self.data["errors"].append({"where": where, "error": f"{type(exc).__name__}: {exc}"})
+        self.save()
+
+    def save(self):
+        path = os.path.join(self.out_dir, "gpu_check.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def _device_poisoned(exc) -> bool:
+    """A sticky CUDA error: every later CUDA call in this process fails too."""
+    text = str(exc).lower()
+    return any(k in text for k in ("illegal memory access", "device-side assert", "unspecified launch failure",
+                                   "misaligned address", "illegal instruction"))
+
+
+def section_env(rep, torch, device):
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device": str(device),
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        env["triton"] = f"not importable: {exc}"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count,
+                   gpu_memory_gb=round(props.total_memory / 1e9, 1),
+                   capability=f"{props.major}.{props.minor}")
+        try:
+            env["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception as exc:  # noqa: BLE001
+            env["nvidia_smi"] = f"unavailable: {exc}"
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT,
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - a copied tree may have no .git
+        env["git_commit"] = ""
+    rep.data["env"] = env
+    for k, v in env.items():
+        rep.log(f"env {k}: {v}")
+    rep.save()
+
+
+def section_backends(rep, device_type, wanted, tiny):
+    """Which backends are usable here, and the reason for each that is not (JIT builds run here)."""
+    from moekd_kernels.backends import BACKENDS
+
+    usable = []
+    for name, backend in BACKENDS.items():
+        t0 = time.perf_counter()
+        try:
+            reason = backend.unavailable_reason(device_type)
+        except Exception as exc:  # noqa: BLE001
+            reason = f"availability check raised {type(exc).__name__}: {exc}"
+        took = time.perf_counter() - t0
+        rep.data["backends"][name] = {"usable": reason is None, "reason": reason, "check_s": round(took, 2)}
+        rep.log(f"backend {name}: {'usable' if reason is None else 'NOT usable: ' + reason} "
+                f"(checked in {took:.1f} s)")
+        if reason is None and (wanted is None or name in wanted):
+            usable.append(name)
+    if wanted:
+        missing = [b for b in wanted if b not in usable]
+        if missing:
+            rep.error("backends", RuntimeError(f"requested backends not usable: {missing}"))
+    rep.save()
+    return usable
+
+
+def rel_err(torch, actual, expected):
+    """‖actual − expected‖ / ‖expected‖ over finite entries; non-finite patterns must match."""
+    actual = actual.detach().double().cpu().reshape(-1)
+    expected = expected.detach().double().cpu().reshape(-1)
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(actual)):
+        return float("inf")
+    if not torch.equal(expected[~finite].isnan(), actual[~finite].isnan()):
+        return float("inf")
+    denom = expected[finite].norm()
+    diff = (actual[finite] - expected[finite]).norm()
+    return float(diff / denom) if denom > 0 else float(diff)
+
+
+def correctness_cases(quick, tiny):
+    """(dtype name, C, L, rows, extra) for the correctness section."""
+    if tiny:
+        return [(d, c, lv, 6, {}) for d in ("fp32", "bf16") for c in (1, 300) for lv in (1, 3)] + \
+               [("bf16", 77, 2, 6, {"teacher_dtype": "fp32", "strided": True})]
+    classes = (4097, 262144) if quick else (127, 4097, 131073, 262144)
+    dtypes = ("fp32", "bf16") if quick else ("fp32", "bf16", "fp16")
+    cases = [(d, c, lv, 32, {}) for d in dtypes for c in classes for lv in (1, 3)]
+    # Mixed precisions and a row stride (a slice of a wider buffer), as trainers pass them.
+    cases.append(("bf16", 32768, 2, 32, {"teacher_dtype": "fp32", "strided": True}))
+    cases.append(("fp16", 50257, 1, 32, {"teacher_dtype": "bf16", "strided": True}))
+    return cases
+
+
+def section_correctness(rep, torch, B, device, backends, quick, tiny):
+    from moekd_kernels import fused_moe_kd_loss
+    from moekd_kernels.options import resolve_options
+    from moekd_kernels.reference import reference_forward
+
+    rep.log(f"== correctness vs float64 (reference on the CPU), backends {backends}")
+    for dtype_name, classes, levels, rows, extra in correctness_cases(quick, tiny):
+        label = f"{dtype_name} C={classes} L={levels} N={rows}" + \
+            (f" teacher={extra['teacher_dtype']}" if "teacher_dtype" in extra else "") + \
+            (" strided" if extra.get("strided") else "")
+        try:
+            dtype = B.DTYPES[dtype_name]
+            teacher_dtype = B.DTYPES[extra.get("teacher_dtype", dtype_name)]
+            options = dict(LEVEL3_OPTIONS) if levels == 3 else dict(B.DEFAULT_OPTIONS)
+            if levels not in (1, 3):
+                options = {k: (v if not isinstance(v, list) else v[:levels]) for k, v in LEVEL3_OPTIONS.items()}
+            shape = B.Shape(rows, classes, levels)
+            s, t, y = B.make_inputs(shape, dtype, "cpu", teacher_dtype=teacher_dtype, seed=classes + levels,
+                                    ignore_frac=0.2)
+            y[0] = 0                     # the first and last classes as labels (edge reads)
+            y[-1] = classes - 1 if rows > 2 else y[-1]
+            opts = resolve_options(levels, ignore_index=-100, **{
+                "temperature": options["temperature"], "expert_strength": options["expert_strength"],
+                "level_weights": options.get("level_weights"), "gate_weight": options["gate_weight"],
+                "expert_weight": options["expert_weight"]})
+            t0 = time.perf_counter()
+            exp_loss, exp_ll, exp_agree, exp_grad = reference_forward(s.double(), t.double(), y, opts)
+            oracle_s = time.perf_counter() - t0
+            grad_out = torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) + 0.5
+            exp_grad = exp_grad * grad_out[:, None]
+        except Exception as exc:  # noqa: BLE001
+            rep.error(f"correctness oracle {label}", exc)
+            continue
+        for backend in backends:
+            where = f"correctness {backend} {label}"
+            try:
+                s_dev = s.to(device)
+                if extra.get("strided"):
+                    wide = torch.zeros(rows, classes + 64, dtype=dtype, device=device)
+                    wide[:, 16:16 + classes] = s_dev
+                    s_dev = wide[:, 16:16 + classes]      # row stride C + 64, offset 16
+                leaf = s_dev.detach().requires_grad_(True)
+                t_dev = t.to(device)
+                loss, stats = fused_moe_kd_loss(leaf, t_dev if levels > 1 else t_dev[0], y.to(device),
+                                                reduction="none", backend=backend, return_stats=True,
+                                                **options)
+                loss.backward(grad_out.to(device, loss.dtype))
+                errs = {
+                    "loss": rel_err(torch, loss, exp_loss),
+                    "grad": rel_err(torch, leaf.grad, exp_grad),
+                    "log_likelihood": rel_err(torch, stats.log_likelihood, exp_ll),
+                    "agreement": rel_err(torch, stats.agreement, exp_agree),
+                }
+                tol = TOLERANCE[dtype_name]
+                ok = all(e <= tol for e in errs.values()) and leaf.grad.dtype == dtype
+                rep.data["correctness"].append({"backend": backend, "dtype": dtype_name, "classes": classes,
+                                                "levels": levels, "rows": rows, **extra, "tol": tol,
+                                                "ok": ok, "grad_dtype": str(leaf.grad.dtype), **errs})
+                worst = max(errs, key=errs.get)
+                rep.log(f"{'ok  ' if ok else 'FAIL'} {backend:9s} {label}: worst {worst} rel err "
+                        f"{errs[worst]:.2e} (tol {tol:g}; oracle {oracle_s:.1f} s)")
+            except Exception as exc:  # noqa: BLE001
+                rep.data["correctness"].append({"backend": backend, "dtype": dtype_name, "classes": classes,
+                                                "levels": levels, "rows": rows, **extra, "ok": False,
+                                                "error": f"{type(exc).__name__}: {exc}"})
+                rep.error(where, exc)
+                if _device_poisoned(exc):
+                    raise
+            rep.save()
+
+
+def timing_plan(args, B):
+    if args.shapes:
+        shapes = B.parse_shapes(args.shapes)
+    elif args.tiny:
+        shapes = (B.Shape(8, 64),)
+    elif args.quick:
+        shapes = B.QUICK_GPU_SHAPES
+    else:
+        shapes = B.GPU_SHAPES
+    dtypes = args.dtypes.split(",") if args.dtypes else (["fp32"] if args.tiny else ["bf16", "fp32"])
+    # The headline case (C=131072) first, so that a run cut short still has it.
+    order = {131072: 0, 32768: 1, 262144: 2, 4096: 3}
+    plan = [(d, s) for d in dtypes for s in sorted(shapes, key=lambda s: (order.get(s.classes, 9), s.classes))]
+    return plan
+
+
+def _launch_config_note(device_type, backend, shape):
+    """The launch table's choice for this shape, when the backend module exposes one."""
+    try:
+        from moekd_kernels.backends import BACKENDS
+
+        module = BACKENDS[backend].load()
+        if hasattr(module, "launch_config"):
+            return f"config {module.launch_config(shape.classes, shape.levels, device_type)}"
+    except Exception:  # noqa: BLE001 - a note only
+        pass
+    return ""
+
+
+def section_timing(rep, torch, B, device, backends, args, copy_gbps):
+    baselines = [b for b in B.BASELINES
+                 if not (args.no_compile and b == "compiled_moekd")
+                 and not (args.no_liger and b == "liger_classic_kd")]
+    impls = B.implementations(device.type, backends=backends, baselines=baselines, log=rep.log)
+    rep.log(f"== fwd+bwd timing: {[i.name for i in impls]}")
+    results = []
+    for dtype_name, shape in timing_plan(args, B):
+        dtype = B.DTYPES[dtype_name]
+        inputs = None
+        for impl in impls:
+            where = f"timing {impl.name} {dtype_name} {shape.label}"
+            if rep.elapsed() > args.budget_s:
+                rep.data["skipped"].append(where)
+                rep.log(f"skip (past the {args.budget_s:.0f} s budget): {where}")
+                continue
+            try:
+                if inputs is None:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    inputs = B.make_inputs(shape, dtype, device)
+                result = B.measure_impl(
+                    impl, shape, dtype, device, target_s=args.time_per_case, min_rows=256, log=rep.log,
+                    inputs=None if impl.name == "liger_classic_kd" else inputs,
+                    memory=device.type == "cuda", min_reps=2 if args.tiny else 5)
+                if impl.is_backend:
+                    note = _launch_config_note(device.type, impl.name, shape)
+                    result.note = "; ".join(n for n in (result.note, note) if n)
+                results.append(result)
+                row = result.as_dict()
+                if copy_gbps:
+                    row["pct_copy"] = round(100 * result.gbps / copy_gbps, 1)
+                row.update({f"x_{k}": round(v, 3) for k, v in
+                            B.speedups(results).get((impl.name, result.key), {}).items()})
+                rep.data["timing"].append(row)
+                pct = f", {100 * result.gbps / copy_gbps:.0f}% of copy" if copy_gbps else ""
+                mem = f", peak +{result.peak_extra_gb:.2f} GB" if result.peak_extra_gb is not None else ""
+                comp = f", compile {result.compile_s:.1f} s" if result.compile_s is not None else ""
+                rep.log(f"{where}: {result.median_ms:.3f} ms, {result.gbps:.1f} GB/s{pct}{mem}{comp}"
+                        f"{' (' + result.note + ')' if result.note else ''}")
+            except Exception as exc:  # noqa: BLE001
+                rep.error(where, exc)
+                if _device_poisoned(exc):
+                    raise
+            rep.save()
+        inputs = None
+    return results
+
+
+def section_sweep(rep, torch, B, device, backends, args):
+    """Time each backend that has a ``launch_config`` with every candidate config forced."""
+    from moekd_kernels.backends import BACKENDS
+
+    if args.tiny:
+        shapes, dtypes = [B.Shape(2, 40)], ["fp32"]
+    else:
+        shapes = [B.Shape(16384, 4096), B.Shape(16384, 32768), B.Shape(16384, 131072), B.Shape(4096, 131072, 3)]
+        dtypes = ["bf16"]
+    rows_out = []
+    for backend in backends:
+        module = BACKENDS[backend].load()
+        if not callable(getattr(module, "launch_config", None)):
+            rep.log(f"sweep: backend {backend} has no launch_config(); nothing to sweep")
+            continue
+        space = list(getattr(module, "SWEEP_SPACE", None) or
+                     ([(16, 1)] if args.tiny else DEFAULT_SWEEP))
+        original = module.launch_config
+        impl = B.Impl(backend, B.package_loss(backend), True)
+        rep.log(f"== sweep {backend}: {len(space)} configs × {len(shapes)} shapes × {dtypes}")
+        for dtype_name in dtypes:
+            dtype = B.DTYPES[dtype_name]
+            for shape in shapes:
+                default = original(shape.classes, shape.levels, device.type)
+                inputs = B.make_inputs(shape, dtype, device)
+                for config in [tuple(default)] + [c for c in space if tuple(c) != tuple(default)[:len(c)]]:
+                    where = f"sweep {backend} {dtype_name} {shape.label} config={tuple(config)}"
+                    if rep.elapsed() > args.budget_s:
+                        rep.data["skipped"].append(where)
+                        continue
+                    forced = tuple(config) + tuple(default)[len(config):]
+
+                    def patched(num_classes, num_levels, device_type, _forced=forced):
+                        return _forced
+                    module.launch_config = patched
+                    try:
+                        result = B.measure_impl(impl, shape, dtype, device, target_s=0.15, inputs=inputs,
+                                                memory=False, min_reps=2 if args.tiny else 5)
+                        row = {"backend": backend, "dtype": dtype_name, "rows": shape.rows,
+                               "classes": shape.classes, "levels": shape.levels, "config": list(forced),
+                               "default": list(default), "is_default": tuple(forced) == tuple(default),
+                               "median_ms": result.median_ms, "gbps": result.gbps}
+                        rows_out.append(row)
+                        rep.data["sweep"].append(row)
+                        rep.log(f"{where}: {result.median_ms:.3f} ms, {result.gbps:.1f} GB/s"
+                                f"{' (default)' if row['is_default'] else ''}")
+                    except Exception as exc:  # noqa: BLE001 - e.g. too many registers for a config
+                        rep.log(f"{where}: failed {type(exc).__name__}: {str(exc)[:200]}")
+                        rep.data["sweep"].append({"backend": backend, "dtype": dtype_name,
+                                                  "classes": shape.classes, "levels": shape.levels,
+                                                  "config": list(forced), "error": str(exc)[:500]})
+                        if _device_poisoned(exc):
+                            module.launch_config = original
+                            raise
+                    finally:
+                        module.launch_config = original
+                    rep.save()
+                inputs = None
+    return rows_out
+
+
+def sweep_table(rows):
+    lines = ["| backend | dtype | N | C | L | config | ms | GB/s | vs default |", "|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["backend"], r["dtype"], r["rows"], r["classes"], r["levels"]), []).append(r)
+    for key, group in groups.items():
+        default = next((r for r in group if r["is_default"]), None)
+        for r in sorted(group, key=lambda r: r["median_ms"])[:5] + ([default] if default else []):
+            vs = f"{default['median_ms'] / r['median_ms']:.2f}×" if default else "–"
+            tag = " (default)" if r["is_default"] else ""
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {tuple(r['config'])}{tag} | "
+                         f"{r['median_ms']:.3f} | {r['gbps']:.1f} | {vs} |")
+    return "\n".join(lines)
+
+
+def correctness_table(rows):
+    lines = ["| backend | dtype | C | L | N | loss | grad | log-lik | agreement | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tag = (f" (t {r['teacher_dtype']})" if "teacher_dtype" in r else "") + (" strided" if r.get("strided") else "")
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['dtype']}{tag} | {r['classes']} | {r['levels']} | {r['rows']} | "
+                         f"error: {r['error'][:80]} | | | | FAIL |")
+            continue
+        lines.append(f"| {r['backend']} | {r['dtype']}{tag} | {r['classes']} | {r['levels']} | {r['rows']} | "
+                     f"{r['loss']:.1e} | {r['grad']:.1e} | {r['log_likelihood']:.1e} | {r['agreement']:.1e} | "
+                     f"{'ok' if r['ok'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def targets_summary(B, results, copy_gbps):
+    """The project's GPU targets at bf16, C=131072 (issues 4 and 8)."""
+    lines = []
+    want = {"triton": 80.0, "cuda": 85.0}
+    ratios = B.speedups(results)
+    for r in results:
+        if r.dtype != "bf16" or r.classes != 131072 or r.levels != 1 or r.impl not in want:
+            continue
+        pct = 100 * r.gbps / copy_gbps if copy_gbps else float("nan")
+        x_comp = ratios.get((r.impl, r.key), {}).get("compiled_moekd")
+        ok_bw = pct >= want[r.impl]
+        ok_x = x_comp is not None and x_comp >= 1.5
+        lines.append(f"- {r.impl}: {pct:.0f}% of copy bandwidth (target ≥ {want[r.impl]:.0f}%: "
+                     f"{'met' if ok_bw else 'MISSED'}), "
+                     + (f"{x_comp:.2f}× compiled_moekd (target ≥ 1.5×: {'met' if ok_x else 'MISSED'})"
+                        if x_comp is not None else "compiled_moekd not measured"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.tiny:
+        # Triton reads this at import: its kernels then run on CPU tensors.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+    import torch
+
+    from moekd_kernels import benchmarking as B
+
+    rep = Report(args.out)
+    device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    rep.log(f"gpu_check: mode={'tiny' if args.tiny else 'quick' if args.quick else 'full'} "
+            f"device={device} budget={args.budget_s:.0f} s out={os.path.abspath(args.out)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        rep.error("setup", RuntimeError("CUDA is not available (use --tiny for the CPU smoke test)"))
+        return 1
+    failed = False
+    results, sweep_rows, copy_gbps = [], [], None
+    try:
+        section_env(rep, torch, device)
+        wanted = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
+        backends = section_backends(rep, device.type, wanted, args.tiny)
+        if device.type == "cpu" and not args.tiny:
+            backends = [b for b in backends if b not in B.INTERPRETED.get("cpu", ())]
+
+        if not (args.skip_correctness or args.sweep_only):
+            try:
+                section_correctness(rep, torch, B, device, backends, args.quick, args.tiny)
+            except Exception as exc:  # noqa: BLE001
+                rep.error("correctness", exc)
+                if _device_poisoned(exc):
+                    raise
+
+        try:
+            copy_gbps = B.copy_bandwidth(device, num_bytes=(16 << 20) if args.tiny else None)
+            rep.data["copy_gbps"] = copy_gbps
+            rep.log(f"== device-to-device copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
+            rep.save()
+        except Exception as exc:  # noqa: BLE001
+            rep.error("copy bandwidth", exc)
+
+        if not (args.skip_timing or args.sweep_only):
+            timing_backends = [b for b in backends if args.tiny or b != "reference" or device.type == "cpu"]
+            try:
+                results = section_timing(rep, torch, B, device, timing_backends, args, copy_gbps)
+            except Exception as exc:  # noqa: BLE001
+                rep.error("timing", exc)
+                if _device_poisoned(exc):
+                    raise
+
+        if args.sweep or args.sweep_only:
+            try:
+                sweep_rows = section_sweep(rep, torch, B, device,
+                                           [b for b in backends if b != "reference"], args)
+            except Exception as exc:  # noqa: BLE001
+                rep.error("sweep", exc)
+                if _device_poisoned(exc):
+                    raise
+    except Exception as exc:  # noqa: BLE001 - a poisoned CUDA context: report what we have
+        rep.log(f"stopping early: the device is in an error state ({type(exc).__name__}); "
+                f"rerun with --backends excluding the backend that caused it")
+        failed = True
+
+    env = rep.data["env"]
+    md = [f"# gpu_check — {env.get('gpu', env.get('device'))}, {env.get('date', '')}",
+          "",
+          f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
+          f"driver/card: {env.get('nvidia_smi', 'n/a')}, commit {env.get('git_commit') or 'n/a'}",
+          "",
+          f"Copy bandwidth (device to device, read + write): "
+          f"{copy_gbps:.0f} GB/s" if copy_gbps else "Copy bandwidth: not measured"]
+    if rep.data["correctness"]:
+        md += ["", "## Correctness vs float64 (relative errors)", "", correctness_table(rep.data["correctness"])]
+    if results:
+        md += ["", "## fwd+bwd timing", "",
+               "GB/s over N·C·(2·bytes(s) + L·bytes(t)); ×X: speed over X (> 1 is faster); peak extra: "
+               "max_memory_allocated during one call minus the memory held before it (gradient included).",
+               "", B.markdown_table(results, copy_gbps)]
+        targets = targets_summary(B, results, copy_gbps)
+        if targets:
+            md += ["", "## Targets (bf16, N=16384, C=131072)", "", targets]
+    if sweep_rows:
+        md += ["", "## Launch-config sweep (best 5 per shape, and the default)", "", sweep_table(sweep_rows)]
+    if rep.data["skipped"]:
+        md += ["", f"Skipped past the {args.budget_s:.0f} s budget: {len(rep.data['skipped'])} cases "
+               f"(listed in gpu_check.json)."]
+    failures = [r for r in rep.data["correctness"] if not r.get("ok")]
+    md += ["", f"Correctness failures: {len(failures)}; errors: {len(rep.data['errors'])}; "
+           f"total time {rep.elapsed():.0f} s."]
+    text = "\n".join(md)
+    with open(os.path.join(args.out, "gpu_check.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    rep.log("")
+    for line in text.splitlines():
+        rep.log(line)
+    rep.save()
+    failed = failed or bool(failures) or bool(rep.data["errors"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
