@@ -307,6 +307,30 @@ def _launch_config_note(device_type, backend, shape):
     return ""
 
 
+def section_baseline_checks(rep, torch, B, device):
+    """Liger's classic KD must compute what eager_classic_kd computes, or its timing means
+    nothing. Checked here, on the device: its KL kernel does not run under the interpreter."""
+    if B.liger_unavailable_reason() is not None:
+        return
+    shape = B.Shape(64, 4096)
+    # No ignored rows: Liger's KL has no ignore_index (the timed inputs have none either).
+    s, t, y = B.make_inputs(shape, torch.float32, device, seed=5)
+    losses, grads = [], []
+    for fn in (B.eager_classic_kd, B.make_liger_classic_kd()):
+        leaf = s.clone().requires_grad_(True)   # Liger overwrites its input: a fresh copy each
+        loss = fn(leaf, t, y, **B.DEFAULT_OPTIONS)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        losses.append(loss.detach())
+        grads.append(grad)
+    errs = {"loss": rel_err(torch, losses[1], losses[0]), "grad": rel_err(torch, grads[1], grads[0])}
+    ok = all(e <= 1e-4 for e in errs.values())
+    rep.data["baseline_checks"] = {"liger_classic_kd_vs_eager_classic_kd": {**errs, "ok": ok}}
+    rep.log(f"{'ok  ' if ok else 'FAIL'} liger_classic_kd vs eager_classic_kd (fp32 {shape.label}, "
+            f"no ignored rows): loss rel err {errs['loss']:.1e}, grad rel err {errs['grad']:.1e}")
+    if not ok:
+        rep.error("baseline check", RuntimeError("liger_classic_kd does not match eager_classic_kd"))
+
+
 def section_timing(rep, torch, B, device, backends, args, copy_gbps):
     baselines = [b for b in B.BASELINES
                  if not (args.no_compile and b == "compiled_moekd")
@@ -511,6 +535,11 @@ def main(argv=None):
 
         if not (args.skip_timing or args.sweep_only):
             timing_backends = [b for b in backends if args.tiny or b != "reference" or device.type == "cpu"]
+            if not args.no_liger:
+                try:
+                    section_baseline_checks(rep, torch, B, device)
+                except Exception as exc:  # noqa: BLE001
+                    rep.error("baseline checks", exc)
             try:
                 results = section_timing(rep, torch, B, device, timing_backends, args, copy_gbps)
             except Exception as exc:  # noqa: BLE001
