@@ -59,7 +59,7 @@ class DemoConfig:
     kd_weight: float = 0.9               # mdistiller KD: KD_LOSS_WEIGHT
     test_fraction: float = 0.4
     weak_fraction: float = 0.02          # ~21 training images, ~2 per class
-    teacher_hidden: int = 256
+    teacher_hidden: int = 128
     teacher_steps: int = 300             # full-batch Adam
     student_hidden: int = 32
     batch_size: int = 64
