@@ -58,11 +58,19 @@ def launch_config(num_classes: int, num_levels: int, device_type: str) -> Tuple[
 
 
 def _interpreted() -> bool:
-    # Triton picks the interpreter when a kernel is decorated, i.e. when
-    # triton_kernels was imported; the environment variable alone is not enough.
-    from triton.runtime.interpreter import InterpretedFunction
+    """Whether the kernel and Triton's own library functions run under the interpreter.
 
-    return isinstance(triton_kernels.moe_kd_row_kernel, InterpretedFunction)
+    Triton chooses when a function is decorated: its library (tl.sum, tl.zeros, …)
+    when triton is first imported — torch.compile imports it too — and our kernel
+    when triton_kernels is. TRITON_INTERPRET=1 set in between leaves a mix that
+    fails inside the kernel.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    library_compiled = any(isinstance(getattr(tl, name, None), JITFunction) for name in ("sum", "max", "zeros"))
+    return isinstance(triton_kernels.moe_kd_row_kernel, InterpretedFunction) and not library_compiled
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -77,8 +85,8 @@ def unavailable_reason(device_type: str) -> Optional[str]:
             return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
                     "before importing triton")
         if not _interpreted():
-            return ("TRITON_INTERPRET=1 was set after triton or moekd_kernels.triton_kernels "
-                    "was imported; set it before importing them")
+            return ("TRITON_INTERPRET=1 was set after triton was imported (torch.compile "
+                    "imports it too); set it before anything imports triton")
         return None
     return f"the Triton backend runs on cuda (or cpu under TRITON_INTERPRET=1), not {device_type}"
 
