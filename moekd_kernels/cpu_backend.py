@@ -1,10 +1,12 @@
 """Backend "cpu": the fused C++/OpenMP kernel in csrc/cpu, JIT-built on first use.
 
-The extension is compiled once per machine into ~/.cache/moekd_kernels (or
-``$MOEKD_KERNELS_CACHE``), in a folder named by a hash of the sources, the
-compiler flags, the torch and Python versions and the CPU model and features.
-The kernel is compiled with ``-march=native``, so the CPU is part of the key: a
-home directory shared by different machines gets one build per CPU.
+The extension is compiled into ~/.cache/moekd_kernels (or ``$MOEKD_KERNELS_CACHE``),
+in a folder named by a hash of the compiler flags, the torch and Python versions
+and the CPU model and features: the kernel is compiled with ``-march=native``,
+so a home directory shared by different machines gets one build per CPU. A stamp
+file holds the hash of the sources it was built from; while it matches, later
+processes import the library directly, and a changed source rebuilds (ninja
+recompiles only what changed).
 
 A failed build is tried once per process; ``unavailable_reason("cpu")`` then
 returns why (the tail of the compiler output) and ``backend="auto"`` falls back
@@ -20,7 +22,7 @@ import platform
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -60,11 +62,16 @@ def _cpu_fingerprint() -> str:
         return platform.processor()
 
 
-def _build_key(csrc: Path) -> str:
+def _sources_key(csrc: Path) -> str:
     h = hashlib.sha256()
     for rel in _SOURCES + _HEADERS:
         h.update(rel.encode())
         h.update((csrc / rel).read_bytes())
+    return h.hexdigest()
+
+
+def _environment_key() -> str:
+    h = hashlib.sha256()
     for part in (CFLAGS, LDFLAGS, torch.__version__, sys.version, platform.machine(),
                  _cpu_fingerprint(), os.environ.get("CXX", "")):
         h.update(repr(part).encode())
@@ -77,29 +84,32 @@ def _cache_root() -> Path:
 
 
 def _import_built(name: str, build_dir: Path):
-    """The already-built module, or None when there is none (or it does not load)."""
+    """The already-built module, or None when it does not load."""
     for path in sorted(build_dir.glob(f"{name}.*so")) + sorted(build_dir.glob(f"{name}.pyd")):
         try:
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-        except Exception:  # noqa: BLE001 - a stale or half-written library: rebuild
+        except Exception:  # noqa: BLE001 - stale or half-written: rebuild
             return None
     return None
 
 
-def _build(csrc: Path, sources: List[Path], build_dir: Path, name: str):
+def _build(csrc: Path, build_dir: Path, name: str = "moekd_cpu"):
     from torch.utils.cpp_extension import load
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    module = _import_built(name, build_dir)
-    if module is not None:
-        return module
+    stamp = build_dir / "sources.sha256"
+    key = _sources_key(csrc)
+    if stamp.is_file() and stamp.read_text().strip() == key:
+        module = _import_built(name, build_dir)
+        if module is not None:
+            return module
     print("moekd_kernels: building the C++ CPU kernel (once, ~30 s)...", file=sys.stderr, flush=True)
-    return load(
+    module = load(
         name=name,
-        sources=[str(s) for s in sources],
+        sources=[str(csrc / s) for s in _SOURCES],
         extra_cflags=CFLAGS,
         extra_ldflags=LDFLAGS,
         extra_include_paths=[str(csrc)],
@@ -107,6 +117,10 @@ def _build(csrc: Path, sources: List[Path], build_dir: Path, name: str):
         with_cuda=False,
         verbose=False,
     )
+    partial = stamp.with_name(f"{stamp.name}.{os.getpid()}")
+    partial.write_text(key)
+    os.replace(partial, stamp)
+    return module
 
 
 def _failure_message(exc: BaseException, limit: int = 3000) -> str:
@@ -122,10 +136,7 @@ def _load() -> Tuple[Optional[object], Optional[str]]:
     with _lock:
         if _extension is None and _failure is None:
             try:
-                csrc = _csrc_dir()
-                key = _build_key(csrc)
-                _extension = _build(csrc, [csrc / s for s in _SOURCES],
-                                    _cache_root() / f"cpu-{key}", f"moekd_cpu_{key}")
+                _extension = _build(_csrc_dir(), _cache_root() / f"cpu-{_environment_key()}")
             except Exception as exc:  # noqa: BLE001 - any failure means "unavailable, because ..."
                 _failure = _failure_message(exc)
         return _extension, _failure

@@ -59,66 +59,59 @@ MOEKD_INLINE float mul_add(float a, float b, float c) { return a * b + c; }
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
 
-// e^x = 2^k · e^r with k = round(x log2 e), |r| <= ln2/2, and a degree-6 fit of e^r
-// (relative error 2e-9 on that interval, far below float rounding).
-// Adding 1.5·2^23 rounds to an integer without a float→int conversion, which
-// would be undefined for NaN/inf; those lanes are fixed by the selects at the end.
-// Results below 2^-126 flush to 0 (they only ever enter sums dominated by 1),
-// and x > 127.5 ln 2 gives +inf (never reached: arguments are max-subtracted).
-MOEKD_INLINE float fast_exp(float x) {
+// e^x = 2^k · e^r with k = round(x log2 e), |r| <= ln2/2, and a degree-5 minimax
+// fit of e^r (our own Lawson fit; 9e-8 relative, 1.6e-7 = 2.7 ulp once evaluated in
+// float). Adding 1.5·2^23 rounds to an integer without a float→int conversion,
+// which would be undefined for NaN.
+// Only for x <= 0 or NaN (every argument here is max-subtracted). x is first
+// raised to kMinArg, where k = −127 makes the scale 2^k exactly 0: exp(−inf) = 0,
+// results below ~2^-126 flush to 0, and a NaN passes the max (x86 maxps
+// returns its second operand on NaN) and comes out NaN.
+MOEKD_INLINE float fast_exp_nonpos(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kShift = 12582912.0f;
-  constexpr float kMinArg = -87.3365479f;  // ln 2^-126
-  constexpr float kMaxArg = 88.3762626f;   // 127.5 ln 2, so k <= 127
+  constexpr float kShift = 12582912.0f;  // 1.5 · 2^23
+  constexpr float kMinArg = -88.0f;      // round(−88 log2 e) = −127
+  x = x < kMinArg ? kMinArg : x;
   const float shifted = mul_add(x, kLog2e, kShift);
   const float k = shifted - kShift;
-  float r = x - k * kLn2Hi;
-  r = r - k * kLn2Lo;
-  float p = 1.3829420786350965e-3f;
-  p = mul_add(p, r, 8.374771103262901e-3f);
-  p = mul_add(p, r, 4.16683591902256e-2f);
-  p = mul_add(p, r, 1.666642129421234e-1f);
-  p = mul_add(p, r, 4.9999991059303284e-1f);
+  float r = mul_add(k, -kLn2Hi, x);  // exact: k · kLn2Hi needs few bits
+  r = mul_add(k, -kLn2Lo, r);
+  float p = 0.008290297351777554f;
+  p = mul_add(p, r, 0.041897911578416824f);
+  p = mul_add(p, r, 0.1666763573884964f);
+  p = mul_add(p, r, 0.4999915063381195f);
+  p = mul_add(p, r, 0.9999997019767761f);
   p = mul_add(p, r, 1.0f);
-  p = mul_add(p, r, 1.0f);
-  const float scale = float_of((bits_of(shifted) - bits_of(kShift) + 127u) << 23);  // 2^k
-  float y = p * scale;
-  y = x < kMinArg ? 0.0f : y;  // also exp(−inf) = 0
-  y = x > kMaxArg ? kInf : y;
-  return y;  // NaN fails both comparisons and stays NaN
+  // 2^k from the integer in the low bits of `shifted`; 0 for k = −127.
+  const float scale = float_of((bits_of(shifted) - (bits_of(kShift) - 127u)) << 23);
+  return p * scale;
 }
 
-// ln x for x >= 1 (the expert normalisers D). x = 2^e · (1 + f) with 1 + f in
-// [√½, √2); ln(1 + f) = f − ½f² + s(½f² + R(s²)), s = f/(2 + f), |s| <= 0.172,
-// R the odd atanh series to s^11: the small correction keeps it within ~1 ulp.
-// +inf and NaN pass through.
+// ln x for x >= 1 (the expert normalisers D). x = 2^e · m with m in [√½, √2),
+// found by offsetting the bits by those of √½ (no compare, no float multiply).
+// ln m = 2 atanh(s) = s Q(s²), s = (m − 1)/(m + 1), |s| <= 0.1716, Q a degree-3
+// minimax fit (our own; 8e-10 relative): within ~3 ulp, which only the loss
+// value sees (Σ r log D), never the gradient. +inf and NaN pass through.
 MOEKD_INLINE float fast_log_ge1(float x) {
-  const uint32_t b = bits_of(x);
-  int32_t e = static_cast<int32_t>(b >> 23) - 127;
-  float m = float_of((b & 0x007fffffu) | 0x3f800000u);
-  const bool high = m > 1.41421356f;
-  m = high ? 0.5f * m : m;
-  e = high ? e + 1 : e;
+  const int32_t offset = static_cast<int32_t>(bits_of(x) - 0x3f3504f3u);
+  const int32_t e = offset >> 23;
+  const float m = float_of(bits_of(x) - (static_cast<uint32_t>(e) << 23));
   const float f = m - 1.0f;  // exact (Sterbenz)
   const float s = f / (2.0f + f);
   const float z = s * s;
-  float R = 2.0f / 11.0f;
-  R = mul_add(R, z, 2.0f / 9.0f);
-  R = mul_add(R, z, 2.0f / 7.0f);
-  R = mul_add(R, z, 2.0f / 5.0f);
-  R = mul_add(R, z, 2.0f / 3.0f);
-  R *= z;
-  const float half_f2 = 0.5f * f * f;
+  float Q = 0.29870855808258057f;
+  Q = mul_add(Q, z, 0.39977577328681946f);
+  Q = mul_add(Q, z, 0.6666677594184875f);
+  Q = mul_add(Q, z, 2.0f);
   const float ef = static_cast<float>(e);
-  const float log_m = f - (half_f2 - s * (half_f2 + R));
-  const float y = ef * kLn2Hi + (mul_add(ef, kLn2Lo, log_m));
+  const float y = mul_add(ef, kLn2Hi, mul_add(ef, kLn2Lo, s * Q));
   return x < kInf ? y : x;
 }
 
 // log1p(x) for x >= 0 given D = 1 + x (rounded) and 1/D: ln D plus the
 // first-order correction for the rounding of 1 + x, as accurate as log1p.
 MOEKD_INLINE float log1p_from(float x, float D, float inv_D) {
-  return fast_log_ge1(D) + (x - (D - 1.0f)) * inv_D;
+  return mul_add(x - (D - 1.0f), inv_D, fast_log_ge1(D));
 }
 
 // ---- element types ---------------------------------------------------------------
@@ -185,7 +178,7 @@ MOEKD_INLINE double exp_in_place_sum(float* et, int64_t C, float shift) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = b0; c < b1; ++c) {
-      const float e = fast_exp(et[c] - shift);
+      const float e = fast_exp_nonpos(et[c] - shift);
       et[c] = e;
       acc += e;
     }
@@ -203,7 +196,7 @@ MOEKD_INLINE double exp_scaled_sum(const float* s, float* out, int64_t C, float 
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = b0; c < b1; ++c) {
-      const float e = fast_exp((s[c] - s_max) * scale);
+      const float e = fast_exp_nonpos((s[c] - s_max) * scale);
       out[c] = e;
       acc += e;
     }
@@ -212,23 +205,52 @@ MOEKD_INLINE double exp_scaled_sum(const float* s, float* out, int64_t C, float 
   return total;
 }
 
-// Pass-2 terms of one class at one level, u given without the target boost.
+// Pass-2 terms of one class at one level, before the level weight w_ℓ/Z_t and
+// the target's boost exp(β) (both constant factors, applied to the sums).
+// `grad_factor` is what pass 3 needs of this class: u (λ_e x/D − λ_g τ), so that
+// r_ℓc (λ_e x/D − λ_g τ) = grad_factor · w_ℓ/(Z_t G) costs pass 3 one multiply.
 struct ClassTerms {
-  float u, u_over_D, u_log_D, u_log_q;
+  float u, u_over_D, log_D, grad_factor;
 };
 
-MOEKD_INLINE ClassTerms class_terms(float u_unnormed_pi, float sigma, float expm1_beta,
-                                    float log_q) {
-  const float x = expm1_beta * sigma;
+// e = exp(s_c − max s), x_scale = expm1(β)/Z_s (so x = expm1(β) σ_c), lam_e_x_scale = λ_e x_scale.
+MOEKD_INLINE ClassTerms class_terms(float exp_t, float e, float x_scale, float lam_e_x_scale,
+                                    float gate_tau) {
+  const float x = x_scale * e;
   const float D = 1.0f + x;
   const float inv_D = 1.0f / D;
-  const float u = u_unnormed_pi * inv_D;
   ClassTerms t;
-  t.u = u;
-  t.u_over_D = u * inv_D;
-  t.u_log_D = u * log1p_from(x, D, inv_D);
-  t.u_log_q = u == 0.0f ? 0.0f : u * log_q;  // 0 · log 0 = 0 for classes masked in both
+  t.u = exp_t * inv_D;
+  t.u_over_D = t.u * inv_D;
+  t.log_D = log1p_from(x, D, inv_D);
+  // λ_e x/D, not λ_e (1 − 1/D): no cancellation for small x.
+  t.grad_factor = mul_add(lam_e_x_scale * e, t.u_over_D, -gate_tau * t.u);
   return t;
+}
+
+// The row's loss, in double, from sums in which every term has one sign.
+// finalize_row's expert_ll = log σ_y + Σ β r_y − Σ r log D adds terms of size
+// β and |log σ_y| whose sum vanishes once the experts saturate (r_y → 1), so
+// float rounding of those terms would swamp a small loss. Regrouped,
+//   Σ_ℓc r log p_ℓc(y) = (1 − a) log σ_y − Σ_ℓ r_ℓy log1p(e^−β_ℓ (1/σ_y − 1))
+//                        − Σ_ℓ Σ_{c≠y} r_ℓc log D_ℓc,      1 − a = Σ_{c≠y} r,
+// a sum of non-positive terms, as is the gate sum Σ_ℓ τ² Σ_c r log q.
+double stable_loss(const Params& p, double log_sigma_y, double G, double u_rest,
+                   double u_log_D_rest, const double* u_y, const double* u_log_q) {
+  double expert_ll = -u_log_D_rest / G;
+  if (u_rest != 0.0) expert_ll += u_rest / G * log_sigma_y;  // 0 · log 0 = 0
+  const double inv_sigma_y_minus_1 = std::expm1(-log_sigma_y);  // (1 − σ_y)/σ_y
+  double gate_ce = 0.0;
+  for (int l = 0; l < p.num_levels; ++l) {
+    if (u_y[l] != 0.0)
+      expert_ll -= u_y[l] / G * std::log1p(std::exp(-static_cast<double>(p.beta[l])) * inv_sigma_y_minus_1);
+    gate_ce += static_cast<double>(p.tau[l]) * p.tau[l] * u_log_q[l] / G;
+  }
+  // A zero weight drops its term: a masked target must not give 0 · inf.
+  double loss = 0.0;
+  if (p.expert_weight != 0.0f) loss -= p.expert_weight * expert_ll;
+  if (p.gate_weight != 0.0f) loss -= p.gate_weight * gate_ce;
+  return loss;
 }
 
 template <typename TS, typename TT>
@@ -255,14 +277,14 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   if (std::is_same<TS, float>::value) {
     s = reinterpret_cast<const float*>(s_in);
 #pragma omp simd reduction(max : s_max)
-    for (int64_t c = 0; c < C; ++c) s_max = std::max(s_max, s[c]);
+    for (int64_t c = 0; c < C; ++c) s_max = s[c] > s_max ? s[c] : s_max;
   } else {
     float* sf = sc.sf;
 #pragma omp simd reduction(max : s_max)
     for (int64_t c = 0; c < C; ++c) {
       const float v = to_float(s_in[c]);
       sf[c] = v;
-      s_max = std::max(s_max, v);
+      s_max = v > s_max ? v : s_max;
     }
     s = sf;
   }
@@ -279,100 +301,129 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     for (int64_t c = 0; c < C; ++c) {
       const float v = to_float(t_in[c]) * inv_tau;
       et[c] = v;
-      t_max = std::max(t_max, v);
+      t_max = v > t_max ? v : t_max;
     }
     Zt[l] = exp_in_place_sum(et, C, t_max);
   }
   const double Zs = exp_scaled_sum(s, sc.es, C, s_max, 1.0f);
   for (int l = 0; l < L; ++l) Zq[l] = exp_scaled_sum(s, sc.eq[l], C, s_max, p.inv_tau[l]);
 
-  const float inv_Zs = static_cast<float>(1.0 / Zs);
-  const float log_sigma_y = (s[y] - s_max) - static_cast<float>(std::log(Zs));
+  const float s_y = s[y];  // s may live in the scratch row that pass 3 overwrites
+  const double log_sigma_y = (static_cast<double>(s_y) - s_max) - std::log(Zs);
 
-  // ---- pass 2: RowSums, level by level; et_ℓ becomes u_ℓ ----
+  // ---- pass 2: RowSums, level by level; et_ℓ becomes the pass-3 factor ----
+  // The target class is left out of the vectorised sums (its et is zeroed, so all
+  // its terms vanish) and added afterwards with its boost exp(β): no sum ever
+  // subtracts the target back out, and the rest G − Σ_ℓ u_ℓy stays exact for
+  // the target's gradient below.
+  const float lam_e = p.expert_weight;
   RowSums sums;
   row_sums_clear(sums, L);
   double u_total = 0.0, u_over_D = 0.0, u_log_D = 0.0;
+  double u_rest = 0.0;                    // Σ_ℓ Σ_{c≠y} u_ℓc
+  double u_log_D_rest = 0.0;              // Σ_ℓ Σ_{c≠y} u_ℓc log D_ℓc
+  double u_log_q[kMaxLevels];             // Σ_c u_ℓc log q_ℓc
+  double level_scale[kMaxLevels];         // u_ℓc = level_scale · class_terms(...).u
+  double u_y[kMaxLevels], u_y_over_D[kMaxLevels];
   for (int l = 0; l < L; ++l) {
     float* et = sc.et[l];
     const float* es = sc.es;
-    const float k = p.expm1_beta[l];
-    const float weight = static_cast<float>(p.level_weight[l] / Zt[l]);  // w_ℓ π_ℓc = weight · et
+    const float x_scale = static_cast<float>(p.expm1_beta[l] / Zs);  // x = expm1(β) σ = x_scale · es
+    const float lam_e_x_scale = lam_e * x_scale;
+    const float gate_tau = p.gate_weight * p.tau[l];
     const float inv_tau = p.inv_tau[l];
+    // log q_ℓc = (s_c − max s)/τ − log Z_q; s_c − max s is exact near the max.
     const float log_Zq = static_cast<float>(std::log(Zq[l]));
+    const float exp_t_y = et[y];
+    et[y] = 0.0f;
     double sum_u = 0.0, sum_u_over_D = 0.0, sum_u_log_D = 0.0, sum_u_log_q = 0.0;
     for (int64_t b0 = 0; b0 < C; b0 += kSumBlock) {
       const int64_t b1 = std::min(C, b0 + kSumBlock);
       float acc_u = 0.0f, acc_uD = 0.0f, acc_ulogD = 0.0f, acc_ulogq = 0.0f;
 #pragma omp simd reduction(+ : acc_u, acc_uD, acc_ulogD, acc_ulogq)
       for (int64_t c = b0; c < b1; ++c) {
-        const float log_q = (s[c] - s_max) * inv_tau - log_Zq;
-        const ClassTerms t = class_terms(weight * et[c], es[c] * inv_Zs, k, log_q);
-        et[c] = t.u;
+        const ClassTerms t = class_terms(et[c], es[c], x_scale, lam_e_x_scale, gate_tau);
+        const float log_q = mul_add(s[c] - s_max, inv_tau, -log_Zq);
+        et[c] = t.grad_factor;
         acc_u += t.u;
         acc_uD += t.u_over_D;
-        acc_ulogD += t.u_log_D;
-        acc_ulogq += t.u_log_q;
+        acc_ulogD = mul_add(t.u, t.log_D, acc_ulogD);
+        // 0 · log 0 = 0 for classes masked in teacher and student alike.
+        acc_ulogq = mul_add(t.u, t.u == 0.0f ? 0.0f : log_q, acc_ulogq);
       }
       sum_u += acc_u;
       sum_u_over_D += acc_uD;
       sum_u_log_D += acc_ulogD;
       sum_u_log_q += acc_ulogq;
     }
-    // The target's boost exp(β): add expm1(β) times its unboosted terms (no cancellation).
-    // et[y] now holds the unboosted u_y.
-    const float log_q_y = (s[y] - s_max) * inv_tau - log_Zq;
-    const float u_y = et[y];
-    const float x_y = k * (es[y] * inv_Zs);
-    const float D_y = 1.0f + x_y;
-    const float inv_D_y = 1.0f / D_y;
-    const float extra = p.expm1_beta[l] * u_y;
-    sum_u += extra;
-    sum_u_over_D += extra * inv_D_y;
-    sum_u_log_D += extra * log1p_from(x_y, D_y, inv_D_y);
-    if (extra != 0.0f) sum_u_log_q += extra * log_q_y;
-    et[y] = u_y * p.exp_beta[l];
+    const double scale = p.level_weight[l] / Zt[l];  // w_ℓ π_ℓc = scale · et_ℓc
+    level_scale[l] = scale;
+    u_rest += scale * sum_u;
+    u_log_D_rest += scale * sum_u_log_D;
 
-    u_total += sum_u;
-    u_over_D += sum_u_over_D;
-    u_log_D += sum_u_log_D;
-    sums.u_level[l] = static_cast<float>(sum_u);
-    sums.u_log_q[l] = static_cast<float>(sum_u_log_q);
-    sums.u_target[l] = et[y];
+    // The target, boosted by exp(β).
+    const ClassTerms ty = class_terms(exp_t_y, es[y], x_scale, lam_e_x_scale, gate_tau);
+    const double boost = p.exp_beta[l];
+    const double u_target = boost * ty.u;
+    sum_u += u_target;
+    sum_u_over_D += boost * ty.u_over_D;
+    sum_u_log_D += u_target * std::log1p(static_cast<double>(p.expm1_beta[l]) * std::exp(log_sigma_y));
+    if (ty.u != 0.0f)
+      sum_u_log_q += u_target * ((static_cast<double>(s_y) - s_max) * inv_tau - std::log(Zq[l]));
+    et[y] = 0.0f;  // pass 3 leaves g_y to the exact formula below
+    u_y[l] = scale * u_target;
+    u_y_over_D[l] = scale * boost * ty.u_over_D;
+
+    u_total += scale * sum_u;
+    u_over_D += scale * sum_u_over_D;
+    u_log_D += scale * sum_u_log_D;
+    sums.u_level[l] = static_cast<float>(scale * sum_u);
+    u_log_q[l] = scale * sum_u_log_q;
+    sums.u_log_q[l] = static_cast<float>(u_log_q[l]);
+    sums.u_target[l] = static_cast<float>(u_y[l]);
   }
   sums.u_total = static_cast<float>(u_total);
   sums.u_over_D = static_cast<float>(u_over_D);
   sums.u_log_D = static_cast<float>(u_log_D);
-  const RowResult row = finalize_row(sums, p, log_sigma_y);
-  a.loss[n] = row.loss;
+  const RowResult row = finalize_row(sums, p, static_cast<float>(log_sigma_y));
+  a.loss[n] = static_cast<float>(stable_loss(p, log_sigma_y, u_total, u_rest, u_log_D_rest, u_y, u_log_q));
   a.log_likelihood[n] = row.log_likelihood;
   a.agreement[n] = row.agreement;
 
   // ---- pass 3: the gradient ----
-  //   g_j = λ_e σ_j A − λ_e [j = y]
-  //       + Σ_ℓ r_ℓj (λ_e x_ℓj / D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj,   x = expm1(β) σ
+  //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
   float* g = std::is_same<TS, float>::value ? reinterpret_cast<float*>(grad_row) : sc.sf;
-  const float lam_e = p.expert_weight;
-  const float base = lam_e * row.A;
+  const float sigma_coeff = static_cast<float>(lam_e * row.A / Zs);  // λ_e A σ_j = · es_j
   const float inv_G = row.inv_G;
   for (int l = 0; l < L; ++l) {
     const float* es = sc.es;
-    const float* u = sc.et[l];
+    const float* factor = sc.et[l];
     const float* eq = sc.eq[l];
-    const float k = p.expm1_beta[l];
-    const float gate_tau = p.gate_weight * p.tau[l];
-    const float q_coeff = static_cast<float>(gate_tau * row.R[l] / Zq[l]);
-    const bool first = l == 0;
+    const float q_coeff = static_cast<float>(p.gate_weight * p.tau[l] * row.R[l] / Zq[l]);
+    const float r_coeff = static_cast<float>(inv_G * level_scale[l]);  // r_ℓj = r_coeff · u_ℓj
+    if (l == 0) {
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const float sigma = es[j] * inv_Zs;
-      const float x = k * sigma;
-      const float r = u[j] * inv_G;
-      const float term = r * (lam_e * x / (1.0f + x) - gate_tau) + q_coeff * eq[j];
-      g[j] = first ? mul_add(base, sigma, term) : g[j] + term;
+      for (int64_t j = 0; j < C; ++j)
+        g[j] = mul_add(sigma_coeff, es[j], mul_add(r_coeff, factor[j], q_coeff * eq[j]));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) g[j] += mul_add(r_coeff, factor[j], q_coeff * eq[j]);
     }
   }
-  g[y] -= lam_e;
+  // At the target the expert part is λ_e (σ_y A − 1 + Σ_ℓ r_ℓy (1 − 1/D_ℓy)), which
+  // cancels to nearly 0 once the experts saturate (r_y → 1). With Σ_ℓ r_ℓy = 1 − u_rest/G
+  // it is λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy): no cancellation left.
+  {
+    const double G = u_total;
+    double expert = std::exp(log_sigma_y) * row.A - u_rest / G;
+    double gate = 0.0;
+    for (int l = 0; l < L; ++l) {
+      expert -= u_y_over_D[l] / G;
+      const double q_y = std::exp((s_y - static_cast<double>(s_max)) * p.inv_tau[l]) / Zq[l];
+      gate += static_cast<double>(p.gate_weight) * p.tau[l] * (row.R[l] * q_y - u_y[l] / G);
+    }
+    g[y] = static_cast<float>((lam_e != 0.0f ? lam_e * expert : 0.0) + gate);
+  }
   if (!std::is_same<TS, float>::value) {
 #pragma omp simd
     for (int64_t j = 0; j < C; ++j) store(grad_row + j, g[j]);
@@ -429,7 +480,7 @@ void moe_kd_rows(const RowsArgs& a, const Params& p, int num_threads) {
   }
 }
 
-float exp_for_test(float x) { return fast_exp(x); }
+float exp_for_test(float x) { return fast_exp_nonpos(x); }
 float log_for_test(float x) { return fast_log_ge1(x); }
 
 }  // namespace cpu

@@ -42,6 +42,7 @@ struct RowsArgs {
 void moe_kd_rows(const RowsArgs& args, const Params& params, int num_threads);
 
 // exp and log as the kernel evaluates them, exposed for the accuracy tests.
+// Their domains are the kernel's: exp for x <= 0 (or NaN), log for x >= 1 (or inf/NaN).
 float exp_for_test(float x);
 float log_for_test(float x);
 
