@@ -488,6 +488,11 @@ def speedups(results: Iterable[Result]) -> Dict[Tuple[str, Tuple], Dict[str, flo
     return out
 
 
+def format_gbps(value: float) -> str:
+    """GB/s to three significant figures or more: CPU cases run well under 1 GB/s."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
 def _fmt(value, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -507,7 +512,7 @@ def markdown_table(results: Sequence[Result], copy_gbps: Optional[float] = None)
                                             order.get(r.impl, 4), r.impl)):
         x = ratio.get((r.impl, r.key), {})
         cells = [r.dtype, str(r.rows), str(r.classes), str(r.levels), r.impl,
-                 _fmt(r.median_ms, ".3f"), _fmt(r.gbps, ".1f")]
+                 _fmt(r.median_ms, ".3f"), format_gbps(r.gbps)]
         if copy_gbps:
             cells.append(_fmt(100 * r.gbps / copy_gbps, ".0f"))
         cells += [_fmt(x.get("eager_moekd"), ".2f"), _fmt(x.get("compiled_moekd"), ".2f"),
@@ -521,7 +526,7 @@ def markdown_table(results: Sequence[Result], copy_gbps: Optional[float] = None)
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 @dataclass
@@ -636,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 continue
             results.append(result)
-            print(f"  {label}: {result.median_ms:.3f} ms, {result.gbps:.1f} GB/s", flush=True)
+            print(f"  {label}: {result.median_ms:.3f} ms, {format_gbps(result.gbps)} GB/s", flush=True)
     print()
     print(markdown_table(results))
     return 0
