@@ -550,6 +550,9 @@ def prepare_step(impl: Impl, shape: Shape, dtype: torch.dtype, device, *, inputs
     rows = shape.rows
     while True:
         run_shape = shape.with_rows(rows)
+        if rows != shape.rows and device.type == "cuda":
+            # Out of the except block, the failed attempt's tensors are garbage by now.
+            torch.cuda.empty_cache()
         try:
             if inputs is not None and rows == shape.rows:
                 student, teacher, target = inputs
@@ -568,8 +571,6 @@ def prepare_step(impl: Impl, shape: Shape, dtype: torch.dtype, device, *, inputs
             log(f"[bench] {impl.name} {DTYPE_NAMES.get(dtype, dtype)} {run_shape.label}: "
                 f"out of memory, retrying with N={rows // 2}")
             student = teacher = target = step = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             rows //= 2
     num_bytes = moekd_bytes(rows, shape.classes, shape.levels, dtype, teacher.dtype)
     note = f"OOM at N={shape.rows}" if rows != shape.rows else ""
