@@ -72,20 +72,30 @@ def _rescale(m_from, m_to, inv_tau):
 
 
 @triton.jit
-def _block_u_sums(s, t, is_target, lse_s, base_s, log_zq, base_t, log_zt,
-                  inv_tau, exp_beta, expm1_beta, level_weight,
-                  HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
-    """Pass 2 on one block: (G, Σ u/D, Σ u log D) as scalars, (Σ_c u_ℓc, Σ_c u_ℓc log q_ℓc) per level."""
+def _block_u(s, t, is_target, lse_s, base_s, log_zq, base_t, log_zt,
+             inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE: tl.constexpr):
+    """The per-class terms of one block, shared by passes 2 and 3: σ, D, 1/D, u, log q."""
     sigma = tl.exp(s - lse_s)                                                 # σ_c
     pi = tl.exp((t - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])  # π_ℓc
     D = 1.0 + expm1_beta[:, None] * sigma[None, :]                            # D_ℓc, no exp(β)·σ − σ
+    inv_D = 1.0 / D
     boost = tl.where(is_target[None, :], exp_beta[:, None], 1.0)
     # u_ℓc: masked classes and padded levels have π = 0 or w = 0, hence u = 0.
-    u = level_weight[:, None] * pi * boost / D
+    u = level_weight[:, None] * pi * boost * inv_D
+    if HAS_GATE:
+        log_q = (s[None, :] - base_s) * inv_tau[:, None] - log_zq[:, None]  # log q_ℓc
+    else:
+        log_q = tl.zeros_like(u)
+    return sigma, D, inv_D, u, log_q
+
+
+@triton.jit
+def _u_sums(u, D, inv_D, log_q, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Pass 2 on one block: (G, Σ u/D, Σ u log D) as scalars, (Σ_c u_ℓc, Σ_c u_ℓc log q_ℓc) per level."""
     u_level = tl.sum(u, axis=1)
     G = tl.sum(u_level, axis=0)
     if HAS_EXPERT:
-        u_over_D = tl.sum(tl.sum(u / D, axis=1), axis=0)
+        u_over_D = tl.sum(tl.sum(u * inv_D, axis=1), axis=0)
         # log D rather than log1p(expm1(β)σ): the absolute error is ≤ ulp(1)/2 per
         # class, weighted by r (Σ r = 1), so the loss is off by at most ~6e-8.
         u_log_D = tl.sum(tl.sum(u * tl.log(D), axis=1), axis=0)
@@ -93,7 +103,6 @@ def _block_u_sums(s, t, is_target, lse_s, base_s, log_zq, base_t, log_zt,
         u_over_D = 0.0
         u_log_D = 0.0
     if HAS_GATE:
-        log_q = (s[None, :] - base_s) * inv_tau[:, None] - log_zq[:, None]  # log q_ℓc
         # 0 · log 0 = 0: a class masked in student and teacher adds nothing.
         u_log_q = tl.sum(u * tl.where(u == 0.0, 0.0, log_q), axis=1)
     else:
@@ -102,22 +111,16 @@ def _block_u_sums(s, t, is_target, lse_s, base_s, log_zq, base_t, log_zt,
 
 
 @triton.jit
-def _block_grad(s, t, is_target, lse_s, base_s, log_zq, base_t, log_zt,
-                tau, inv_tau, exp_beta, expm1_beta, level_weight,
-                inv_G, A, R, gate_weight, expert_weight,
+def _block_grad(sigma, inv_D, u, log_q, is_target, tau, inv_G, A, R, gate_weight, expert_weight,
                 HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
     """Pass 3 on one block: ∂loss/∂s_j (SPEC §3) with r fixed, float32 (BLOCK,)."""
-    sigma = tl.exp(s - lse_s)
-    pi = tl.exp((t - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])
-    D = 1.0 + expm1_beta[:, None] * sigma[None, :]
-    boost = tl.where(is_target[None, :], exp_beta[:, None], 1.0)
-    r = level_weight[:, None] * pi * boost / D * inv_G                         # r_ℓj
+    r = u * inv_G                                                             # r_ℓj
     per_level = tl.zeros_like(r)
     if HAS_EXPERT:
         # σ_j r_ℓj expm1(β)/D_ℓj written as r_ℓj (1 − 1/D_ℓj): bounded, no exp(β)·σ.
-        per_level += expert_weight * (r - r / D)
+        per_level += expert_weight * (r - r * inv_D)
     if HAS_GATE:
-        q = tl.exp((s[None, :] - base_s) * inv_tau[:, None] - log_zq[:, None])  # q_ℓj
+        q = tl.exp(log_q)                                                     # q_ℓj
         per_level += gate_weight * tau[:, None] * (R[:, None] * q - r)
     grad = tl.sum(per_level, axis=0)
     if HAS_EXPERT:
@@ -205,9 +208,11 @@ def moe_kd_row_kernel(
 
         # ---- pass 2: u-sums ----
         if SINGLE_BLOCK:
-            G, u_over_D, u_log_D, u_level, u_log_q = _block_u_sums(
+            # The row is in registers: these terms serve pass 3 as well.
+            sigma, D, inv_D, u, log_q = _block_u(
                 s, t, cols0 == y, lse_s, base_s, log_zq, base_t, log_zt,
-                inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_EXPERT, HAS_GATE)
+                inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+            G, u_over_D, u_log_D, u_level, u_log_q = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
         else:
             G = 0.0
             u_over_D = 0.0
@@ -220,9 +225,10 @@ def moe_kd_row_kernel(
                 s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
                 t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
                             other=float("-inf")).to(tl.float32)
-                bG, bD, blogD, bl, blogq = _block_u_sums(
+                sigma, D, inv_D, u, log_q = _block_u(
                     s, t, cols == y, lse_s, base_s, log_zq, base_t, log_zt,
-                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_EXPERT, HAS_GATE)
+                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
                 G += bG
                 u_over_D += bD
                 u_log_D += blogD
@@ -258,9 +264,8 @@ def moe_kd_row_kernel(
 
         # ---- pass 3: the gradient ----
         if SINGLE_BLOCK:
-            grad = _block_grad(s, t, cols0 == y, lse_s, base_s, log_zq, base_t, log_zt,
-                               tau_v, inv_tau_v, exp_beta_v, expm1_beta_v, w_v,
-                               inv_G, A, R, gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+            grad = _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
+                               gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
             tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
         else:
             for start in range(0, num_classes, BLOCK):
@@ -269,7 +274,9 @@ def moe_kd_row_kernel(
                 s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
                 t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
                             other=float("-inf")).to(tl.float32)
-                grad = _block_grad(s, t, cols == y, lse_s, base_s, log_zq, base_t, log_zt,
-                                   tau_v, inv_tau_v, exp_beta_v, expm1_beta_v, w_v,
-                                   inv_G, A, R, gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                sigma, D, inv_D, u, log_q = _block_u(
+                    s, t, cols == y, lse_s, base_s, log_zq, base_t, log_zt,
+                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                grad = _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+                                   gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=col_ok)
