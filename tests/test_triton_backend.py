@@ -29,7 +29,8 @@ else:
 
 pytestmark = requires_triton
 
-BLOCK = triton_backend.launch_config(10**9, 1, DEVICE)[0]   # the largest block for L = 1
+# The largest single-block row for L = 1: BLOCK + 1 classes take the multi-block path.
+BLOCK = triton_backend.TILES[DEVICE].single
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -52,8 +53,8 @@ def _check_rows(out, case, tol):
 
 @pytest.fixture
 def small_tile(monkeypatch):
-    """A 32-value tile on this device, so rows of a few dozen classes take the multi-block path."""
-    monkeypatch.setitem(triton_backend.MAX_TILE, DEVICE, 32)
+    """32-value tiles on this device, so rows of a few dozen classes take the multi-block path."""
+    monkeypatch.setitem(triton_backend.TILES, DEVICE, triton_backend.Tiles(32, 32, 32))
     return triton_backend.launch_config(10**9, 1, DEVICE)[0]
 
 
@@ -66,14 +67,19 @@ def test_interpreter_is_effective():
     assert resolve_backend("triton", torch.device("cpu")) == "triton"
 
 
-def test_launch_table():
-    for num_classes in (1, 2, 100, 4096, 4097, 131073):
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_launch_table(device_type):
+    tiles = triton_backend.TILES[device_type]
+    for num_classes in (1, 2, 100, 4096, 4097, 8193, 16385, 131073):
         for num_levels in (1, 2, 3, 5):
-            block, num_warps = triton_backend.launch_config(num_classes, num_levels, DEVICE)
+            block, num_warps = triton_backend.launch_config(num_classes, num_levels, device_type)
+            levels_padded = 1 << (num_levels - 1).bit_length()
             assert block & (block - 1) == 0 and block >= triton_backend.MIN_BLOCK
-            assert num_warps in (4, 8, 16)
-    assert triton_backend.launch_config(BLOCK, 1, DEVICE)[0] == BLOCK
-    assert triton_backend.launch_config(BLOCK + 1, 1, DEVICE)[0] == BLOCK   # → multi-block
+            assert num_warps in (4, 8, 16) and block * levels_padded <= tiles.single
+            single = triton_backend._next_pow2(num_classes) * levels_padded <= tiles.single
+            assert (num_classes <= block) == single
+    assert triton_backend.launch_config(tiles.single, 1, device_type)[0] == tiles.single
+    assert triton_backend.launch_config(tiles.single + 1, 1, device_type)[0] < tiles.single + 1
 
 
 # C = 1, 2, 127 take the single-block path, BLOCK + 1 and 131073 loop over blocks.
