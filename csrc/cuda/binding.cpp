@@ -1,0 +1,115 @@
+// PyTorch binding of the CUDA kernel: checks, allocates the outputs, launches.
+//
+// Only torch/extension.h: no CUDA headers, so this file also compiles against a
+// CPU-only PyTorch (the test suite checks it with -fsyntax-only). The stream
+// comes from Python as an integer (torch.cuda.current_stream().cuda_stream).
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda/moekd_cuda.h"
+
+namespace {
+
+moekd_cuda::DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return moekd_cuda::kFloat32;
+    case at::kBFloat16: return moekd_cuda::kBFloat16;
+    case at::kHalf: return moekd_cuda::kFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16 for the cuda backend, got ",
+                   t.scalar_type());
+  return moekd_cuda::kFloat32;
+}
+
+std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tensor target,
+                                std::vector<double> temperatures, std::vector<double> expert_strengths,
+                                std::vector<double> level_weights, double gate_weight, double expert_weight,
+                                int64_t ignore_index, int64_t stream, int64_t path) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", teacher.sizes());
+  TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", target.sizes());
+  const int64_t N = student.size(0), C = student.size(1), L = teacher.size(0);
+  TORCH_CHECK_VALUE(teacher.size(1) == N && teacher.size(2) == C, "teacher_logits must be (L, ", N, ", ", C,
+                    "), got ", teacher.sizes());
+  TORCH_CHECK_VALUE(target.size(0) == N, "target must have ", N, " entries, got ", target.size(0));
+  TORCH_CHECK_VALUE(L >= 1 && L <= moekd::kMaxLevels, "teacher_logits must have 1 to ", moekd::kMaxLevels,
+                    " levels for the cuda backend, got ", L);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(temperatures.size()) == L &&
+                        static_cast<int64_t>(expert_strengths.size()) == L &&
+                        static_cast<int64_t>(level_weights.size()) == L,
+                    "need one temperature, expert strength and level weight per level");
+  TORCH_CHECK_VALUE(C >= 1 && C < (int64_t{1} << 31), "C must be in [1, 2^31), got ", C);
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && target.is_cuda(),
+              "the cuda backend needs CUDA tensors");
+  TORCH_CHECK(teacher.device() == student.device() && target.device() == student.device(),
+              "student_logits, teacher_logits and target must be on one device");
+  const moekd_cuda::DType student_dtype = to_dtype(student, "student_logits");
+  const moekd_cuda::DType teacher_dtype = to_dtype(teacher, "teacher_logits");
+  TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool,
+                   "target must hold integer class indices, got ", target.scalar_type());
+
+  // The kernel reads whole rows with unit element stride; copy only when that fails.
+  if (C > 1 && student.stride(1) != 1) student = student.contiguous();
+  if (C > 1 && teacher.stride(2) != 1) teacher = teacher.contiguous();
+  target = target.to(at::kLong).contiguous();
+
+  const auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({N}, f32);
+  at::Tensor log_likelihood = at::empty({N}, f32);
+  at::Tensor agreement = at::empty({N}, f32);
+  at::Tensor grad = at::empty({N, C}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  if (N == 0) return {loss, log_likelihood, agreement, grad};
+
+  moekd_cuda::LaunchArgs args{};
+  args.student = student.data_ptr();
+  args.student_row_stride = student.stride(0);
+  args.student_dtype = student_dtype;
+  args.teacher = teacher.data_ptr();
+  args.teacher_level_stride = teacher.stride(0);
+  args.teacher_row_stride = teacher.stride(1);
+  args.teacher_dtype = teacher_dtype;
+  args.target = reinterpret_cast<const long long*>(target.data_ptr<int64_t>());
+  args.loss = loss.data_ptr<float>();
+  args.log_likelihood = log_likelihood.data_ptr<float>();
+  args.agreement = agreement.data_ptr<float>();
+  args.grad = grad.data_ptr();
+  args.num_rows = N;
+  args.num_classes = C;
+  args.params = moekd::make_params(static_cast<int>(L), temperatures.data(), expert_strengths.data(),
+                                   level_weights.data(), gate_weight, expert_weight, ignore_index);
+  args.path = static_cast<int>(path);
+  args.device = student.get_device();
+  args.stream = reinterpret_cast<void*>(static_cast<intptr_t>(stream));
+  const char* error = moekd_cuda::launch(args);
+  TORCH_CHECK(error == nullptr, error ? error : "");
+  return {loss, log_likelihood, agreement, grad};
+}
+
+moekd_cuda::DType dtype_from_name(const std::string& name) {
+  if (name == "float32") return moekd_cuda::kFloat32;
+  if (name == "bfloat16") return moekd_cuda::kBFloat16;
+  if (name == "float16") return moekd_cuda::kFloat16;
+  TORCH_CHECK_VALUE(false, "dtype must be float32, bfloat16 or float16, got ", name);
+  return moekd_cuda::kFloat32;
+}
+
+std::string describe_plan(int64_t device, int64_t num_classes, int64_t num_levels, const std::string& student,
+                          const std::string& teacher, int64_t path) {
+  char buf[512];
+  const char* error =
+      moekd_cuda::describe_plan(static_cast<int>(device), num_classes, static_cast<int>(num_levels),
+                                dtype_from_name(student), dtype_from_name(teacher), static_cast<int>(path), buf,
+                                sizeof buf);
+  TORCH_CHECK(error == nullptr, error ? error : "");
+  return buf;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "MoE-KD rows on CUDA: (loss, log_likelihood, agreement, grad)");
+  m.def("describe_plan", &describe_plan, "the launch plan for (device, C, L, student, teacher dtype, path)");
+}
