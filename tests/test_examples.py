@@ -1,0 +1,163 @@
+"""The drop-in examples under python/ run at tiny sizes and do what they claim."""
+
+import importlib
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekd_kernels import fused_moe_kd_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "python"
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def require(module):
+    """Skip when an optional dependency is missing, except in CI where it must be installed."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The examples' tensors are tiny; a second thread only slows them down on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_plain_loop():
+    result = load_example("plain_loop").main(["--tiny"])
+    losses = result["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert mean(losses[-10:]) < mean(losses[:10])
+    # 20 classes: chance is 0.05.
+    assert result["teacher_accuracy"] > 0.5
+    assert result["student_accuracy"] > 0.3
+
+
+def test_plain_loop_runs_as_a_script():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "plain_loop.py"), "--tiny"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "student test accuracy" in proc.stdout
+
+
+def test_token_distillation():
+    td = load_example("token_distillation")
+    result = td.main(["--tiny"])
+    assert result["student_ce"] < result["student_ce_before"] - 0.5
+    ll = result["log_likelihoods"]
+    assert all(math.isfinite(v) for v in ll)
+    assert mean(ll[-5:]) > mean(ll[:5])
+
+
+def test_token_distillation_shift_and_padding_match_the_real_tokens():
+    """The (B, T, V) call with -100 padding equals the loss over the real next-token rows only."""
+    td = load_example("token_distillation")
+    gen = torch.Generator().manual_seed(0)
+    vocab = 40
+    transitions = torch.rand(vocab, vocab, generator=gen)
+    transitions[:, td.PAD_ID] = 0
+    ids, labels = td.make_batch(transitions, 6, 12, gen)
+    assert (labels == td.IGNORE_INDEX).any() and (labels != td.IGNORE_INDEX).any()
+    student = torch.randn(6, 12, vocab, generator=gen, requires_grad=True)
+    teacher = torch.randn(6, 12, vocab, generator=gen)
+
+    s, y = td.shifted(student, labels)
+    t, _ = td.shifted(teacher, labels)
+    assert s.shape == (6, 11, vocab) and y.shape == (6, 11)
+    loss = fused_moe_kd_loss(s, t, y, ignore_index=td.IGNORE_INDEX)
+    loss.backward()
+
+    # By hand: the prediction at position i scores token i + 1, padding dropped.
+    rows = [(b, i) for b in range(6) for i in range(11) if labels[b, i + 1] != td.IGNORE_INDEX]
+    s_rows = torch.stack([student.detach()[b, i] for b, i in rows])
+    t_rows = torch.stack([teacher[b, i] for b, i in rows])
+    y_rows = torch.stack([ids[b, i + 1] for b, i in rows])
+    expected = fused_moe_kd_loss(s_rows, t_rows, y_rows)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # No gradient at padded targets, nor at the last position (it predicts nothing).
+    padded = torch.ones(6, 12, dtype=torch.bool)
+    for b, i in rows:
+        padded[b, i] = False
+    assert student.grad[padded].abs().max() == 0
+    assert student.grad[~padded].abs().sum(-1).min() > 0
+
+
+def test_hf_trainer():
+    require("transformers")
+    require("accelerate")  # transformers.Trainer needs it
+    hf = load_example("hf_trainer")
+    seen = []
+    original = hf.MoEKDTrainer.compute_loss
+
+    def recording(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.append(num_items_in_batch)
+        return original(self, model, inputs, return_outputs, num_items_in_batch)
+
+    hf.MoEKDTrainer.compute_loss = recording
+    try:
+        result = hf.main(["--tiny"])
+    finally:
+        hf.MoEKDTrainer.compute_loss = original
+    assert all(math.isfinite(v) for v in result["train_losses"])
+    assert result["eval_loss_after"] < result["eval_loss_before"]
+    # Training went through the token-count branch (Trainer passes the count to models
+    # that take loss kwargs, as Llama does).
+    assert any(n is not None for n in seen)
+
+    # Both branches agree: sum / (number of label tokens) is the mean over them.
+    trainer = result["trainer"]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+    tokens = (batch["labels"][:, 1:] != hf.IGNORE_INDEX).sum()
+    with torch.no_grad():
+        mean_loss = trainer.compute_loss(trainer.model, dict(batch))
+        token_loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=tokens)
+        half = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=2 * tokens)
+    torch.testing.assert_close(token_loss, mean_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(half, mean_loss / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_module_autocast():
+    ex = load_example("module_autocast")
+    result = ex.main(["--tiny"])
+    assert result["logits_dtype"] == torch.bfloat16
+    assert result["loss_dtype"] == torch.float32
+    ll = result["log_likelihoods"]
+    assert mean(ll[-5:]) > mean(ll[:5])
+
+    # The gradient reaching the bf16 logits is bf16, finite, and the float32 weights get one.
+    torch.manual_seed(0)
+    model = ex.Distiller(ex.mlp(8, 16, 10), ex.mlp(8, 16, 10),
+                         ex.MoEKDLoss(return_stats=True))
+    grads = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, logits = model(torch.randn(32, 8), torch.randint(10, (32,)))
+    logits.register_hook(grads.append)
+    loss.backward()
+    assert grads[0].dtype == torch.bfloat16 and torch.isfinite(grads[0]).all()
+    weight = model.student[0].weight
+    assert weight.dtype == torch.float32 and weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
