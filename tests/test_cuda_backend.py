@@ -327,6 +327,70 @@ def test_emulated_nan_input_propagates(emulator, tmp_path):
     assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
 
 
+def _reference64(student, teacher, target, options):
+    """(loss, grad, log_likelihood, agreement) of the closed form in float64: the yardstick
+    where the literal mixture underflows (huge logit gaps, masked targets)."""
+    opts = _resolve(teacher.shape[0], options)
+    loss, ll, agreement, grad = reference_forward(student.double(), teacher.double(), target, opts)
+    return loss, grad, ll, agreement
+
+
+def _check_rows(result, expected, tol):
+    for name, got, want in zip(("loss", "grad", "log_likelihood", "agreement"), result, expected):
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("beta", [31.0, 50.0])
+def test_emulated_agreement_never_exceeds_one(emulator, tmp_path, L, beta):
+    """Near-certain experts: r_ℓy ≈ w_ℓ, and Σ_ℓ u_ℓy · (1/G) rounds to 1 + 1 ulp for
+    some of these rows; u_y / (u_y + u_rest) cannot."""
+    g = torch.Generator().manual_seed(0)
+    student = 0.3 * torch.randn(64, 8, generator=g)
+    teacher = 0.3 * torch.randn(3, 64, 8, generator=g)
+    target = torch.randint(0, 8, (64,), generator=g)
+    _, _, _, agreement = emulate(emulator, student, teacher[:L], target,
+                                 dict(expert_strength=beta, temperature=0.875), tmp_path=tmp_path)
+    assert ((agreement >= 0) & (agreement <= 1)).all(), agreement[agreement > 1].tolist()
+
+
+@pytest.mark.parametrize("tau", [0.25, 4.0])
+def test_emulated_logits_of_1e4(emulator, tmp_path, tau):
+    """Logit gaps of 2e4 (8e4 after /τ): everything is taken relative to the row max, so
+    nothing overflows and float32 stays accurate."""
+    g = torch.Generator().manual_seed(26)
+    shape = (6, 40)
+    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+    student = torch.where(torch.rand(shape, generator=g) < 0.5, 1e4 * sign, 3 * torch.randn(shape, generator=g))
+    teacher = torch.where(torch.rand((2,) + shape, generator=g) < 0.5, -1e4, 1e4)
+    student[0] = 1e4
+    target = torch.tensor([0, 3, 5, 7, 11, -100])
+    for options in ({"temperature": tau}, {"temperature": tau, "expert_strength": 50.0},
+                    {"temperature": tau, "gate_weight": 0.0}):
+        got = emulate(emulator, student, teacher, target, options, threads=32, blocks=2, tmp_path=tmp_path)
+        assert all(torch.isfinite(x.float()).all() for x in got)
+        _check_rows(got, _reference64(student, teacher, target, options), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tau", [0.5, 4.0])
+def test_emulated_masking_with_dtype_minimum_equals_minus_inf(emulator, tmp_path, dtype, tau):
+    case = make_case(6, 37, 2, dtype=dtype, seed=41, ignore_frac=0.0)
+    masked = torch.zeros(6, 37, dtype=torch.bool)
+    masked[:, [0, 7, 20, 21, 22, 23, 24, 25, 26, 27]] = True
+    masked[3, 2:6] = True
+    masked[torch.arange(6), case.target] = False
+    lowest = torch.finfo(dtype).min
+    options = dict(temperature=tau)
+    results = [emulate(emulator, case.student.masked_fill(masked, fill), case.teacher.masked_fill(masked, fill),
+                       case.target, options, tmp_path=tmp_path) for fill in (-math.inf, lowest)]
+    for got_inf, got_min in zip(*results):
+        assert torch.isfinite(got_min.float()).all()
+        assert rel_err(got_min, got_inf) <= TOLERANCE[dtype]
+    assert (results[1][1][masked] == 0).all()
+
+
 # ---- the backend on a GPU ----------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

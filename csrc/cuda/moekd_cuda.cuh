@@ -70,8 +70,8 @@ struct SumOps {
   using State = LevelSums;
   __device__ __forceinline__ State identity() const { return level_sums_identity(); }
   __device__ __forceinline__ State shfl(const State& a, int mask) const {
-    return {shfl_xor(a.u_total, mask), shfl_xor(a.u_over_D, mask), shfl_xor(a.u_log_D, mask),
-            shfl_xor(a.u_level, mask), shfl_xor(a.u_log_q, mask), shfl_xor(a.u_target, mask)};
+    return {shfl_xor(a.u_rest, mask), shfl_xor(a.u_target, mask), shfl_xor(a.u_over_D, mask),
+            shfl_xor(a.u_log_D, mask), shfl_xor(a.u_log_q, mask)};
   }
   __device__ __forceinline__ void merge(State& a, const State& b) const { level_sums_merge(a, b); }
 };

@@ -12,7 +12,7 @@
 //   pass 2, per level ℓ: the u-weighted sums of moekd::RowSums  → reduce → publish
 //   finalize_row (moekd_math.h) on the published sums → loss, stats, R_ℓ
 //   pass 3: the gradient, all levels per element.
-// Per-level reductions keep the reduced state at 5-6 floats whatever L is, and
+// Per-level reductions keep the reduced state at 5 floats whatever L is, and
 // the published constants live in shared memory (LevelConsts), indexed by ℓ.
 //
 // Row layout. Each row is split into a scalar head, whole chunks of 8 elements
@@ -233,7 +233,8 @@ struct RowConsts {
   float s_max;        // max_c s_c; σ_c = exp2((s_c − s_max)·log2e − s_lse2)
   float s_lse, s_lse2;
   float log_sigma_y;  // log σ_y = (s_y − s_max) − s_lse
-  float u_total, u_over_D, u_log_D;  // pass-2 sums over all levels
+  // pass-2 sums over all levels; G = u_target + u_rest
+  float u_target, u_rest, u_over_D, u_log_D;
 };
 
 MOEKD_HD void leader_init_levels(LevelConsts* lc, const KernelConsts& kc) {
@@ -439,7 +440,7 @@ MOEKD_HD RowConsts row_consts(const Pass1Level& level0, float s_y) {
   rc.s_lse = logf(level0.s_sum);
   rc.s_lse2 = log2f(level0.s_sum);
   rc.log_sigma_y = (s_y - rc.s_max) - rc.s_lse;
-  rc.u_total = rc.u_over_D = rc.u_log_D = 0.0f;
+  rc.u_target = rc.u_rest = rc.u_over_D = rc.u_log_D = 0.0f;
   return rc;
 }
 
@@ -454,20 +455,22 @@ MOEKD_HD void publish_pass1(LevelConsts* lc, int l, const Pass1Level& merged) {
 
 // ---- pass 2: u-weighted sums, per level -------------------------------------------------
 
-// One thread's (or, merged, the row's) sums for one level; RowSums split by level.
+// One thread's (or, merged, the row's) sums for one level: moekd::RowSums split by
+// level, with the target's u apart from the rest. G is then u_target + u_rest and
+// the agreement u_target / (u_target + u_rest) cannot round above 1, as
+// Σ_ℓ u_ℓy · (1/G) can when the experts are near-certain (large β).
 struct LevelSums {
-  float u_total, u_over_D, u_log_D, u_level, u_log_q, u_target;
+  float u_rest, u_target, u_over_D, u_log_D, u_log_q;
 };
 
-MOEKD_HD LevelSums level_sums_identity() { return {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; }
+MOEKD_HD LevelSums level_sums_identity() { return {0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; }
 
 MOEKD_HD void level_sums_merge(LevelSums& a, const LevelSums& b) {
-  a.u_total += b.u_total;
+  a.u_rest += b.u_rest;
+  a.u_target += b.u_target;
   a.u_over_D += b.u_over_D;
   a.u_log_D += b.u_log_D;
-  a.u_level += b.u_level;
   a.u_log_q += b.u_log_q;
-  a.u_target += b.u_target;
 }
 
 // W classes c0 .. c0+W-1 at one level (mirrors moekd::row_sums_add).
@@ -484,18 +487,17 @@ MOEKD_HD void pass2_classes(LevelSums& s, const LevelConsts& c, const RowConsts&
     const float D = expert_normaliser(c.expm1_beta, sigma);
     const float inv_D = fast_rcp(D);
     const float u = c.weight * pi * (is_target ? c.exp_beta : 1.0f) * inv_D;
-    s.u_total += u;
+    if (is_target) s.u_target += u;
+    else s.u_rest += u;
     s.u_over_D += u * inv_D;
     s.u_log_D += u * (fast_log2(D) * kLn2);
-    s.u_level += u;
     s.u_log_q += u == 0.0f ? 0.0f : u * log_q;  // 0 · log 0 for a class masked in both
-    if (is_target) s.u_target += u;
   }
 }
 
 template <class TS, class TT>
 MOEKD_HD LevelSums pass2_level(const RowCtx<TS, TT>& r, const RowConsts& rc, int l) {
-  const LevelConsts c = r.lc[l];
+  const LevelConsts& c = r.lc[l];
   const TT* t = r.level(l);
   LevelSums s = level_sums_identity();
   int j = 0;
@@ -517,13 +519,14 @@ MOEKD_HD LevelSums pass2_level(const RowCtx<TS, TT>& r, const RowConsts& rc, int
 
 // Leader only: level l's merged sums. Every thread adds the level-independent ones to rc.
 MOEKD_HD void publish_pass2(LevelConsts* lc, int l, const LevelSums& merged) {
-  lc[l].u_level = merged.u_level;
+  lc[l].u_level = merged.u_target + merged.u_rest;
   lc[l].u_log_q = merged.u_log_q;
   lc[l].u_target = merged.u_target;
 }
 
 MOEKD_HD void add_level_totals(RowConsts& rc, const LevelSums& merged) {
-  rc.u_total += merged.u_total;
+  rc.u_target += merged.u_target;
+  rc.u_rest += merged.u_rest;
   rc.u_over_D += merged.u_over_D;
   rc.u_log_D += merged.u_log_D;
 }
@@ -534,7 +537,7 @@ MOEKD_HD void add_level_totals(RowConsts& rc, const LevelSums& merged) {
 MOEKD_HD RowResult finalize(const LevelConsts* lc, const RowConsts& rc, const Params& params) {
   RowSums sums;
   row_sums_clear(sums, kMaxLevels);
-  sums.u_total = rc.u_total;
+  sums.u_total = rc.u_target + rc.u_rest;
   sums.u_over_D = rc.u_over_D;
   sums.u_log_D = rc.u_log_D;
   MOEKD_UNROLL
@@ -546,7 +549,9 @@ MOEKD_HD RowResult finalize(const LevelConsts* lc, const RowConsts& rc, const Pa
   }
   Params p = params;
   p.num_levels = kMaxLevels;
-  return finalize_row(sums, p, rc.log_sigma_y);
+  RowResult res = finalize_row(sums, p, rc.log_sigma_y);
+  res.agreement = rc.u_target / sums.u_total;  // <= 1 (see LevelSums)
+  return res;
 }
 
 // Leader only: R_ℓ for pass 3.
