@@ -82,7 +82,8 @@ def _interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    library_compiled = any(isinstance(getattr(tl, name, None), JITFunction) for name in ("sum", "max", "zeros"))
+    library_compiled = any(isinstance(getattr(tl, name, None), JITFunction)
+                           for name in ("sum", "max", "zeros"))
     return isinstance(triton_kernels.moe_kd_row_kernel, InterpretedFunction) and not library_compiled
 
 

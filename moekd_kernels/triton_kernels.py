@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _finite_base(m):
     """The base b of a log-sum-exp state: m, or 0 while m = −inf."""
