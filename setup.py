@@ -31,6 +31,7 @@ setup(
             "scikit-learn",
             "matplotlib",
             "transformers",
+            "accelerate>=1.1.0",  # transformers.Trainer needs it
             "triton>=3.0",
         ],
     },
