@@ -1,8 +1,10 @@
 // Kernel instantiations, launch planning and the launcher (moekd_cuda.h).
 #include <cuda_runtime.h>
 
+#include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <stdio.h>
 #include <string>
 #include <utility>
@@ -125,7 +127,8 @@ struct Plan {
   bool cache = false;
   int cache_slots = 0;
   long long group_cache_vecs = 0;
-  long long smem = 0;  // dynamic shared memory per block, bytes
+  long long smem = 0;     // dynamic shared memory per block, bytes
+  long long dyn_max = 0;  // the most dynamic shared memory the kernel can have on this device
   const void* kernel = nullptr;
 
   std::string describe() const {
@@ -156,7 +159,7 @@ void cached_geometry(long long chunks, int max_thr, int& threads, int& slots) {
   if (slots < 1) slots = 1;
 }
 
-const char* make_plan(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
+const char* make_plan_uncached(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
   DeviceInfo dev;
   if (const char* err = device_info(device, dev)) return err;
   if (L < 1 || L > moekd::kMaxLevels) return fail("moekd cuda: number of levels out of range");
@@ -179,6 +182,7 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
     return fail(std::string("moekd cuda: the kernel cannot run on this device (") + cudaGetErrorString(e) +
                 "); it was built for another architecture?");
   const long long dyn_max = dev.smem_optin - static_cast<long long>(attr.sharedSizeBytes);
+  plan.dyn_max = dyn_max;
 
   if (plan.warp_rows) {
     plan.threads = kWarpRowsThreads;
@@ -253,6 +257,7 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
       if (forced) return fail("moekd cuda: this cluster cannot be scheduled on the device");
       plan = Plan();
       plan.kernel = kernel_for_dtypes(sd, td, false);
+      plan.dyn_max = dyn_max;
       path = kStreamRow;
     } else {
       return nullptr;
@@ -268,6 +273,30 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
   plan.cache_slots = 0;
   plan.group_cache_vecs = 0;
   plan.smem = 0;
+  return nullptr;
+}
+
+// Plans depend only on these inputs; caching them keeps the attribute and occupancy
+// queries off the per-call path.
+const char* make_plan(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
+  using Key = std::tuple<int, long long, int, int, int, int>;
+  static std::map<Key, Plan> cache;
+  const Key key{device, C, L, static_cast<int>(sd), static_cast<int>(td), path};
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) {
+      plan = it->second;
+      return nullptr;
+    }
+  }
+  if (const char* err = make_plan_uncached(device, C, L, sd, td, path, plan)) return err;
+  if (plan.smem > 48 * 1024) {
+    if (const char* err = allow_dynamic_smem(plan.kernel, device, plan.dyn_max)) return err;
+  }
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (cache.size() > 4096) cache.clear();  // bound it for programs that see many shapes
+  cache.emplace(key, plan);
   return nullptr;
 }
 
@@ -331,17 +360,6 @@ const char* launch(const LaunchArgs& args) {
   long long blocks = plan.warp_rows ? ceil_div(args.num_rows, plan.threads / 32)
                                     : args.num_rows * static_cast<long long>(plan.cluster);
   if (blocks > 0x7fffffffLL) return fail("moekd cuda: too many rows for one launch");
-
-  if (plan.smem > 48 * 1024) {
-    DeviceInfo dev;
-    if (const char* err = device_info(args.device, dev)) return err;
-    cudaFuncAttributes attr;
-    const cudaError_t e = cudaFuncGetAttributes(&attr, plan.kernel);
-    if (e != cudaSuccess) return fail(std::string("moekd cuda: ") + cudaGetErrorString(e));
-    if (const char* err = allow_dynamic_smem(plan.kernel, args.device,
-                                             dev.smem_optin - static_cast<long long>(attr.sharedSizeBytes)))
-      return err;
-  }
 
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
