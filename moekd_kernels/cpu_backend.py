@@ -34,8 +34,8 @@ MAX_LEVELS = 8  # moekd::kMaxLevels in csrc/common/moekd_math.h
 # -O3 and the vector ISA of this CPU, but no -ffast-math: the kernel relies on
 # IEEE inf/NaN (masked classes, NaN propagation). -fno-math-errno and
 # -fno-trapping-math only let the compiler vectorise; they change no value.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
+LDFLAGS = ("-fopenmp",)
 _SOURCES = ("cpu/moekd_cpu.cpp", "cpu/binding.cpp")
 _HEADERS = ("cpu/moekd_cpu.h", "common/moekd_math.h")
 
@@ -110,8 +110,8 @@ def _build(csrc: Path, build_dir: Path, name: str = "moekd_cpu"):
     module = load(
         name=name,
         sources=[str(csrc / s) for s in _SOURCES],
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        extra_cflags=list(CFLAGS),  # load() appends to the lists it is given
+        extra_ldflags=list(LDFLAGS),
         extra_include_paths=[str(csrc)],
         build_directory=str(build_dir),
         with_cuda=False,

@@ -235,15 +235,23 @@ MOEKD_INLINE ClassTerms class_terms(float exp_t, float e, float x_scale, float l
 //   Σ_ℓc r log p_ℓc(y) = (1 − a) log σ_y − Σ_ℓ r_ℓy log1p(e^−β_ℓ (1/σ_y − 1))
 //                        − Σ_ℓ Σ_{c≠y} r_ℓc log D_ℓc,      1 − a = Σ_{c≠y} r,
 // a sum of non-positive terms, as is the gate sum Σ_ℓ τ² Σ_c r log q.
+// log(1 + e^−β (1/σ_y − 1)) = softplus(log((1 − σ_y)/σ_y) − β), never forming 1/σ_y
+// (σ_y may be e^−20000 for logits of 1e4).
+double log1p_boosted_odds(double log_sigma_y, double beta) {
+  const double m = -log_sigma_y;  // >= 0
+  const double log_odds = m > 30.0 ? m + std::log1p(-std::exp(-m)) : std::log(std::expm1(m));
+  const double x = log_odds - beta;
+  return x > 30.0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
+}
+
 double stable_loss(const Params& p, double log_sigma_y, double G, double u_rest,
                    double u_log_D_rest, const double* u_y, const double* u_log_q) {
   double expert_ll = -u_log_D_rest / G;
   if (u_rest != 0.0) expert_ll += u_rest / G * log_sigma_y;  // 0 · log 0 = 0
-  const double inv_sigma_y_minus_1 = std::expm1(-log_sigma_y);  // (1 − σ_y)/σ_y
   double gate_ce = 0.0;
   for (int l = 0; l < p.num_levels; ++l) {
     if (u_y[l] != 0.0)
-      expert_ll -= u_y[l] / G * std::log1p(std::exp(-static_cast<double>(p.beta[l])) * inv_sigma_y_minus_1);
+      expert_ll -= u_y[l] / G * log1p_boosted_odds(log_sigma_y, p.beta[l]);
     gate_ce += static_cast<double>(p.tau[l]) * p.tau[l] * u_log_q[l] / G;
   }
   // A zero weight drops its term: a masked target must not give 0 · inf.
@@ -388,7 +396,10 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   const RowResult row = finalize_row(sums, p, static_cast<float>(log_sigma_y));
   a.loss[n] = static_cast<float>(stable_loss(p, log_sigma_y, u_total, u_rest, u_log_D_rest, u_y, u_log_q));
   a.log_likelihood[n] = row.log_likelihood;
-  a.agreement[n] = row.agreement;
+  // a = Σ_ℓ u_ℓy / (Σ_ℓ u_ℓy + rest) in double: never above 1 after rounding.
+  double u_y_total = 0.0;
+  for (int l = 0; l < L; ++l) u_y_total += u_y[l];
+  a.agreement[n] = static_cast<float>(u_y_total / (u_y_total + u_rest));
 
   // ---- pass 3: the gradient ----
   //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]

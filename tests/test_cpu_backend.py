@@ -1,0 +1,366 @@
+"""The fused C++/OpenMP backend ("cpu") against the float64 oracle and the SPEC identities."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekd_kernels import cpu_backend, fused_moe_kd_loss
+from moekd_kernels.backends import BACKENDS, auto_backend, resolve_backend
+from moekd_kernels.options import flatten_inputs, resolve_options
+from oracle import check_backend, classic_kd, float64_oracle, make_case, rel_err
+
+reason = cpu_backend.unavailable_reason("cpu")
+pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend unavailable: {reason}")
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _run(student, teacher, target, reduction="none", **options):
+    """Loss and gradient (∂ loss.sum() / ∂ student) through the public API."""
+    student = student.detach().clone().requires_grad_(True)
+    loss = fused_moe_kd_loss(student, teacher, target, reduction=reduction, backend="cpu", **options)
+    loss.sum().backward()
+    return loss.detach(), student.grad
+
+
+# ---- the oracle, across sizes, levels and dtypes ------------------------------------
+
+@pytest.mark.parametrize("num_classes, num_rows", [(1, 6), (2, 9), (127, 8), (1000, 6), (4099, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_oracle(num_classes, num_rows, dtype):
+    check_backend("cpu", make_case(num_rows, num_classes, 1, dtype=dtype, seed=num_classes))
+
+
+def test_matches_oracle_at_131073_classes():
+    """Long rows: blocked float/double sums keep float32 within 1e-5."""
+    errs = check_backend("cpu", make_case(3, 131073, 2, seed=4, ignore_frac=0.0,
+                                          temperature=[1.5, 5.0], expert_strength=[1.0, 4.0]))
+    assert max(errs.values()) <= 1e-6
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_levels_with_their_own_hyper_parameters(num_levels, dtype):
+    case = make_case(7, 53, num_levels, dtype=dtype, seed=10 + num_levels,
+                     temperature=[0.7, 2.0, 6.0][:num_levels],
+                     expert_strength=[0.0, 1.5, 9.0][:num_levels],
+                     level_weights=[1.0, 3.0, 0.5][:num_levels],
+                     gate_weight=0.6, expert_weight=1.3)
+    check_backend("cpu", case)
+
+
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [
+    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.bfloat16), (torch.float32, torch.float16),
+])
+def test_teacher_dtype_may_differ(student_dtype, teacher_dtype):
+    check_backend("cpu", make_case(6, 300, 2, dtype=student_dtype, teacher_dtype=teacher_dtype, seed=3))
+
+
+@pytest.mark.parametrize("beta", [20.0, 50.0])
+def test_saturated_experts_stay_accurate(beta):
+    """At large β the expert terms cancel (r_y → 1); the kernel regroups them."""
+    check_backend("cpu", make_case(12, 200, 2, seed=8, expert_strength=beta, gate_weight=0.05))
+
+
+def test_leading_dims_are_flattened():
+    check_backend("cpu", make_case(0, 37, 2, lead_shape=(2, 3, 4), seed=6))
+
+
+# ---- gradients: dtype, scaling by grad_output, reductions ---------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradient_comes_back_in_the_student_dtype(dtype):
+    case = make_case(4, 33, 1, dtype=dtype, teacher_dtype=torch.float32)
+    loss, grad = _run(case.student, case.teacher, case.target, reduction="mean")
+    assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.is_contiguous()
+    # Each row's gradient sums to zero (SPEC §3), up to the output rounding.
+    assert grad.float().sum(-1).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_mean_reduction_and_scaled_loss():
+    case = make_case(10, 64, 2, seed=2, ignore_frac=0.3)
+    student = case.student.clone().requires_grad_(True)
+    loss = fused_moe_kd_loss(student, case.teacher, case.target, backend="cpu")
+    (2 * loss).backward()
+    ref_student = case.student.clone().requires_grad_(True)
+    ref = fused_moe_kd_loss(ref_student, case.teacher, case.target, backend="reference")
+    ref.backward()
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(student.grad, 2 * ref_student.grad) <= 1e-5
+
+
+def test_all_rows_ignored():
+    case = make_case(5, 40, 2, ignore_frac=1.0)
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = _run(case.student, case.teacher, case.target, reduction=reduction)
+        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_ignored_rows_are_zero_and_do_not_touch_the_rest():
+    case = make_case(9, 50, 1, ignore_frac=0.0, ignore_index=7, seed=1)
+    target = case.target.clone()
+    target[::3] = 7
+    loss, grad = _run(case.student, case.teacher, target, ignore_index=7)
+    assert (loss[::3] == 0).all() and (grad[::3] == 0).all()
+    keep = torch.arange(9) % 3 != 0
+    loss_kept, grad_kept = _run(case.student[keep], case.teacher[keep], target[keep], ignore_index=7)
+    assert torch.equal(loss[keep], loss_kept) and torch.equal(grad[keep], grad_kept)
+
+
+def test_empty_batch():
+    student = torch.zeros(0, 5, requires_grad=True)
+    loss = fused_moe_kd_loss(student, torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), backend="cpu")
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == (0, 5)
+
+
+# ---- layouts -------------------------------------------------------------------------
+
+def _same_as_contiguous(student, teacher, target, **options):
+    loss, grad = _run(student, teacher, target, **options)
+    loss_c, grad_c = _run(student.contiguous(), teacher.contiguous(), target.contiguous(), **options)
+    assert torch.equal(loss, loss_c) and torch.equal(grad, grad_c)
+
+
+def test_row_strided_inputs_are_read_in_place():
+    """Slices of wider tensors (stride(-1) == 1) are read through their row stride, no copy."""
+    wide_s = 3 * torch.randn(6, 130, generator=torch.Generator().manual_seed(0))
+    wide_t = 3 * torch.randn(2, 6, 2, 130, generator=torch.Generator().manual_seed(1))
+    student, teacher = wide_s[:, 3:103], wide_t[:, :, 1, 5:105]    # teacher (L, N, C), strided levels too
+    target = torch.randint(0, 100, (6,), generator=torch.Generator().manual_seed(2))
+    _same_as_contiguous(student, teacher, target, temperature=[2.0, 3.0])
+    s2, t3, y1 = flatten_inputs(student, teacher, target)
+    opts = resolve_options(2, temperature=2.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
+                           expert_weight=1.0, ignore_index=-100)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        cpu_backend.forward(s2, t3, y1, opts)
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert copies == [], copies
+
+
+def test_class_strided_inputs():
+    """stride(-1) != 1 (a transposed layout) is copied, with the same results."""
+    g = torch.Generator().manual_seed(3)
+    student = (3 * torch.randn(40, 8, generator=g)).t()           # (8, 40), stride (1, 8)
+    teacher = (3 * torch.randn(2, 40, 8, generator=g)).transpose(1, 2)
+    target = torch.randint(0, 40, (8,), generator=g)
+    _same_as_contiguous(student, teacher, target)
+
+
+def test_teacher_levels_made_by_indexing():
+    g = torch.Generator().manual_seed(4)
+    student = 3 * torch.randn(5, 30, generator=g)
+    all_levels = 3 * torch.randn(4, 5, 30, generator=g)
+    target = torch.randint(0, 30, (5,), generator=g)
+    for teacher in (all_levels[::2], all_levels[1:3], all_levels[2], all_levels[[3, 0]]):
+        _same_as_contiguous(student, teacher, target)
+    # A teacher broadcast over rows (stride 0) is read as it is.
+    one_row = all_levels[:, :1].expand(4, 5, 30)
+    _same_as_contiguous(student, one_row, target)
+
+
+def test_inputs_are_not_modified():
+    case = make_case(6, 77, 2, dtype=torch.bfloat16, seed=9)
+    before = [t.clone() for t in (case.student, case.teacher, case.target)]
+    _run(case.student, case.teacher, case.target)
+    for old, new in zip(before, (case.student, case.teacher, case.target)):
+        assert torch.equal(old, new)
+
+
+def test_int32_targets():
+    case = make_case(6, 20, 1, seed=12)
+    loss, grad = _run(case.student, case.teacher, case.target)
+    loss32, grad32 = _run(case.student, case.teacher, case.target.int())
+    assert torch.equal(loss, loss32) and torch.equal(grad, grad32)
+
+
+def test_thread_count_does_not_change_results():
+    """Each row is computed by one thread in a fixed order: results are bitwise stable."""
+    case = make_case(16, 500, 2, seed=13)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(case.student, case.teacher, case.target)
+        torch.set_num_threads(max(2, threads))
+        many = _run(case.student, case.teacher, case.target)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+# ---- special values ------------------------------------------------------------------
+
+def test_masked_classes_give_no_nan():
+    case = make_case(6, 10, 2, seed=2, ignore_frac=0.0)
+    student, teacher, target = case.student.clone(), case.teacher.clone(), case.target.clone()
+    student[:, 3] = float("-inf")      # masked in both: no contribution
+    teacher[:, :, 3] = float("-inf")
+    teacher[:, :, 5] = float("-inf")   # masked in the teacher only
+    target[target == 3] = 4
+    loss, grad = _run(student, teacher, target)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[:, 3] == 0).all()
+    ref_loss = fused_moe_kd_loss(student, teacher, target, reduction="none", backend="reference")
+    assert rel_err(loss, ref_loss) <= 1e-5
+    check_backend("cpu", type(case)(student, teacher, target, {}))
+
+
+def test_teacher_mass_on_a_class_the_student_masks_gives_inf():
+    student = torch.tensor([[0.0, float("-inf"), 1.0]])
+    teacher = torch.tensor([[0.0, 2.0, 1.0]])
+    loss, grad = _run(student, teacher, torch.tensor([0]))
+    ref = fused_moe_kd_loss(student, teacher, torch.tensor([0]), reduction="none", backend="reference")
+    assert loss.item() == math.inf == ref.item() and torch.isfinite(grad).all()
+
+
+def test_nan_propagates_to_its_row_only():
+    case = make_case(4, 16, 1, seed=5, ignore_frac=0.0)
+    student, teacher = case.student.clone(), case.teacher.clone()
+    student[1, 7] = float("nan")
+    teacher[2, 3] = float("nan")
+    loss, grad = _run(student, teacher, case.target)
+    assert loss[1].isnan() and grad[1].isnan().all()
+    assert loss[2].isnan() and grad[2].isnan().all()
+    assert torch.isfinite(loss[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+def test_out_of_range_target_gives_nan_row_not_a_bad_read():
+    """The Python layer rejects these on CPU; the kernel itself still never reads out of bounds."""
+    case = make_case(3, 8, 1, seed=6, ignore_frac=0.0)
+    target = case.target.clone()
+    target[0], target[2] = 8, -3
+    s, t, y = flatten_inputs(case.student, case.teacher, target)
+    opts = resolve_options(1, temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
+                           expert_weight=1.0, ignore_index=-100)
+    loss, ll, agreement, grad = cpu_backend.forward(s, t, y, opts)
+    for row in (0, 2):
+        assert loss[row].isnan() and ll[row].isnan() and agreement[row].isnan() and grad[row].isnan().all()
+    assert torch.isfinite(loss[1]) and torch.isfinite(grad[1]).all()
+
+
+# ---- identities (SPEC §4) ------------------------------------------------------------
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_beta_zero_is_classic_kd(tau):
+    case = make_case(12, 300, 1, seed=7, ignore_frac=0.25)
+    lam_g, lam_e = 0.9, 0.1
+    loss, grad = _run(case.student, case.teacher, case.target, reduction="sum", temperature=tau,
+                      expert_strength=0.0, gate_weight=lam_g, expert_weight=lam_e)
+    kd_student = case.student.clone().requires_grad_(True)
+    kd = classic_kd(kd_student, case.teacher, case.target, temperature=tau, gate_weight=lam_g,
+                    expert_weight=lam_e, reduction="sum")
+    kd.backward()
+    pi = F.softmax(case.teacher.double() / tau, dim=-1)
+    entropy = -(pi * pi.log()).sum(-1)
+    constant = (lam_g * tau ** 2 * entropy)[case.target != -100].sum()
+    assert rel_err(loss, kd.double() + constant) <= 1e-5
+    assert rel_err(grad, kd_student.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+def test_label_smoothing_identity(epsilon):
+    case = make_case(10, 257, 1, seed=11, ignore_frac=0.2)
+    constant_teacher = torch.full_like(case.teacher, 0.37)
+    loss, grad = _run(case.student, constant_teacher, case.target, reduction="mean", temperature=1.0,
+                      expert_strength=0.0, gate_weight=epsilon, expert_weight=1.0 - epsilon)
+    ref_student = case.student.clone().requires_grad_(True)
+    expected = F.cross_entropy(ref_student, case.target, label_smoothing=epsilon)
+    expected.backward()
+    assert rel_err(loss, expected) <= 1e-5
+    assert rel_err(grad, ref_student.grad) <= 1e-5
+
+
+# ---- errors, registration, build ------------------------------------------------------
+
+def test_auto_uses_the_cpu_kernel_for_cpu_tensors():
+    assert auto_backend("cpu") == "cpu"
+    case = make_case(4, 30, 1)
+    assert torch.equal(fused_moe_kd_loss(case.student, case.teacher, case.target),
+                       fused_moe_kd_loss(case.student, case.teacher, case.target, backend="cpu"))
+
+
+def test_more_than_eight_levels_is_a_clear_error():
+    case = make_case(2, 5, 9)
+    with pytest.raises(ValueError, match="teacher_logits.*L=9.*at most 8"):
+        fused_moe_kd_loss(case.student, case.teacher, case.target, backend="cpu")
+    check_backend("cpu", make_case(2, 5, 8, seed=1))  # eight is fine
+
+
+def test_float64_student_is_a_type_error():
+    case = make_case(2, 5, 1, dtype=torch.float64)
+    s, t, y = flatten_inputs(case.student, case.teacher, case.target)
+    opts = resolve_options(1, temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
+                           expert_weight=1.0, ignore_index=-100)
+    with pytest.raises(TypeError, match="student_logits"):
+        cpu_backend.forward(s, t, y, opts)
+    with pytest.raises(TypeError, match="student_logits"):
+        fused_moe_kd_loss(case.student, case.teacher, case.target, backend="cpu")
+
+
+def test_other_devices_are_refused():
+    assert "cpu" in cpu_backend.unavailable_reason("cuda")
+
+
+def test_exp_and_log_match_libm():
+    """The kernel's own exp (x <= 0) and log (x >= 1), at float32 arguments, against libm."""
+    ext, _ = cpu_backend._load()
+    xs = (-87.0 * torch.linspace(0, 1, 6001) ** 2).tolist()            # float32 values, exactly
+    worst = max(abs(ext.exp_for_test(x) - math.exp(x)) / math.exp(x) for x in xs)
+    assert worst <= 3e-7   # ~3 ulp
+    assert ext.exp_for_test(float("-inf")) == 0.0 and ext.exp_for_test(-200.0) == 0.0
+    assert math.isnan(ext.exp_for_test(float("nan")))
+    ys = [y for y in torch.cat([1 + torch.logspace(-7, 0, 3000), torch.logspace(0.2, 38, 3000)]).tolist() if y > 1]
+    worst = max(abs(ext.log_for_test(y) - math.log(y)) / math.log(y) for y in ys)
+    assert worst <= 4e-7
+    assert ext.log_for_test(1.0) == 0.0 and ext.log_for_test(float("inf")) == math.inf
+    assert math.isnan(ext.log_for_test(float("nan")))
+
+
+def test_a_failed_build_is_reported(tmp_path):
+    """A compile error becomes the reason string; the working build is untouched."""
+    csrc = tmp_path / "csrc"
+    (csrc / "cpu").mkdir(parents=True)
+    (csrc / "common").mkdir()
+    for rel in cpu_backend._SOURCES + cpu_backend._HEADERS:
+        (csrc / rel).write_text("#error moekd_kernels test: this compiler refuses\n")
+    with pytest.raises(Exception) as info:
+        cpu_backend._build(csrc, tmp_path / "build", name="moekd_cpu_broken")
+    message = cpu_backend._failure_message(info.value)
+    assert "could not be built" in message and "this compiler refuses" in message
+
+
+def test_unavailable_kernel_falls_back_under_auto_and_raises_when_named(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_extension", None)
+    monkeypatch.setattr(cpu_backend, "_failure", "the C++ CPU kernel could not be built: no compiler")
+    assert BACKENDS["cpu"].unavailable_reason("cpu").endswith("no compiler")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        resolve_backend("cpu", torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="falls back to 'reference'.*no compiler"):
+        assert auto_backend.__wrapped__("cpu") == "reference"
+
+
+def test_first_build_prints_one_line(tmp_path):
+    """A fresh cache builds (one line on stderr); the next process imports it silently."""
+    script = textwrap.dedent("""
+        import torch
+        from moekd_kernels import cpu_backend
+        assert cpu_backend.unavailable_reason("cpu") is None, cpu_backend.unavailable_reason("cpu")
+    """)
+    env = {**__import__("os").environ, "MOEKD_KERNELS_CACHE": str(tmp_path)}
+    # Reuse this process's build instead of compiling again: copy it into the fresh cache.
+    import shutil
+
+    built = cpu_backend._cache_root() / f"cpu-{cpu_backend._environment_key()}"
+    shutil.copytree(built, tmp_path / built.name, ignore=shutil.ignore_patterns("lock"))
+    (tmp_path / built.name / "sources.sha256").unlink()   # as if the sources had changed
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count("moekd_kernels: building the C++ CPU kernel") == 1
+    second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "building" not in second.stderr
