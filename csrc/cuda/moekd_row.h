@@ -97,6 +97,16 @@ MOEKD_HD float fast_rcp(float x) {
 #endif
 }
 
+// x·y rounded on its own: never contracted into an FMA with a following add, so
+// x·fx + y·fy is the same bits as y·fy + x·fx (see pass1_merge).
+MOEKD_HD float mul_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, y);
+#else
+  return x * y;
+#endif
+}
+
 // log2 for D >= 1; absolute error below 2^-22 near 1, 2 ulp above 2.
 MOEKD_HD float fast_log2(float x) {
 #if defined(__CUDA_ARCH__)
@@ -266,14 +276,15 @@ MOEKD_HD Pass1Level pass1_identity() { return {-INFINITY, 0.0f, 0.0f, -INFINITY,
 // (−inf, −inf), which would otherwise give exp2(NaN); m = −inf < M gives 0.
 MOEKD_HD float rescale(float m, float M, float k) { return m == M ? 1.0f : exp2f((m - M) * k); }
 
-// a ← a ⊕ b, with k2 = log2(e)/τ_ℓ. Symmetric to the bit, so a butterfly leaves all lanes equal.
+// a ← a ⊕ b, with k2 = log2(e)/τ_ℓ. Symmetric to the bit (products rounded apart, then
+// one commutative add), so a butterfly leaves all lanes with the same values.
 MOEKD_HD void pass1_merge(Pass1Level& a, const Pass1Level& b, float k2) {
   const float M = fmaxf(a.s_max, b.s_max);
-  a.s_sum = a.s_sum * rescale(a.s_max, M, kLog2e) + b.s_sum * rescale(b.s_max, M, kLog2e);
-  a.q_sum = a.q_sum * rescale(a.s_max, M, k2) + b.q_sum * rescale(b.s_max, M, k2);
+  a.s_sum = mul_rn(a.s_sum, rescale(a.s_max, M, kLog2e)) + mul_rn(b.s_sum, rescale(b.s_max, M, kLog2e));
+  a.q_sum = mul_rn(a.q_sum, rescale(a.s_max, M, k2)) + mul_rn(b.q_sum, rescale(b.s_max, M, k2));
   a.s_max = M;
   const float Mt = fmaxf(a.t_max, b.t_max);
-  a.t_sum = a.t_sum * rescale(a.t_max, Mt, k2) + b.t_sum * rescale(b.t_max, Mt, k2);
+  a.t_sum = mul_rn(a.t_sum, rescale(a.t_max, Mt, k2)) + mul_rn(b.t_sum, rescale(b.t_max, Mt, k2));
   a.t_max = Mt;
 }
 
