@@ -461,15 +461,17 @@ def test_gpu_mixed_dtypes(built, dtype, teacher_dtype):
 
 
 @gpu
+@pytest.mark.parametrize("s_off", [1, 2])
 @pytest.mark.parametrize("C", [127, 4097, 131073])
-def test_gpu_strided_and_misaligned(built, C):
-    """Row strides, a level-interleaved teacher and 1-element offsets (no row is
-    16-byte aligned at class 0): the kernel reads them in place."""
+def test_gpu_strided_and_misaligned(built, C, s_off):
+    """Row strides, a level-interleaved teacher and offsets that leave rows misaligned:
+    the kernel reads them in place. s_off=1: no row shares a 16-byte phase with its
+    teacher (all-scalar rows); s_off=2: some rows do (vector chunks after a head)."""
     L, N = 2, _rows_for(C)
     base = make_case(N, C, L, device="cuda", seed=11, **LEVEL_OPTIONS[2])
     wide = torch.full((N, C + 9), float("nan"), device="cuda")
-    wide[:, 1:C + 1] = base.student
-    student = wide[:, 1:C + 1]
+    wide[:, s_off:C + s_off] = base.student
+    student = wide[:, s_off:C + s_off]
     inter = torch.full((N, L, C + 3), float("nan"), device="cuda")
     inter[:, :, 2:C + 2] = base.teacher.permute(1, 0, 2)
     teacher = inter[:, :, 2:C + 2].permute(1, 0, 2)

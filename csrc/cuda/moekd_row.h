@@ -404,8 +404,9 @@ MOEKD_HD Pass1Level pass1_level(const RowCtx<TS, TT>& r, int l, float& s_max_thr
   int j = 0;
   for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
     const int c0 = r.head + ch * kChunk;
-    float x[kChunk];
-    load_chunk(r, r.s, 0, j, c0, l == 0, x);
+    float x[kChunk], xt[kChunk];
+    load_chunk(r, r.s, 0, j, c0, l == 0, x);  // both loads before any math: their latencies overlap
+    load_chunk(r, t, 1 + l, j, c0, true, xt);
     if (l == 0) {
       float sums[2] = {st.s_sum, st.q_sum};
       const float k[2] = {kLog2e, k2};
@@ -415,10 +416,9 @@ MOEKD_HD Pass1Level pass1_level(const RowCtx<TS, TT>& r, int l, float& s_max_thr
     } else {
       fixed_add<kChunk>(s_max_thread, st.q_sum, k2, x);
     }
-    load_chunk(r, t, 1 + l, j, c0, true, x);
     float ts[1] = {st.t_sum};
     const float kt[1] = {k2};
-    online_add<kChunk>(st.t_max, ts, kt, x);
+    online_add<kChunk>(st.t_max, ts, kt, xt);
     st.t_sum = ts[0];
   }
   for (int e = r.gi; e < r.nscalar; e += r.G) {
@@ -608,12 +608,12 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
   int j = 0;
   for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
     const int c0 = r.head + ch * kChunk;
-    float x[kChunk], d[kChunk], sigma[kChunk], g[kChunk];
+    float x[kChunk], d[kChunk], sigma[kChunk], g[kChunk], t[kChunk];
     load_chunk(r, r.s, 0, j, c0, false, x);
+    load_chunk(r, r.t, 1, j, c0, false, t);  // level 0 before any math: the loads overlap
     pass3_start<kChunk>(g, d, sigma, p, rc, res, r.y, c0, x);
     for (int l = 0; l < r.L; ++l) {
-      float t[kChunk];
-      load_chunk(r, r.level(l), 1 + l, j, c0, false, t);
+      if (l > 0) load_chunk(r, r.level(l), 1 + l, j, c0, false, t);
       pass3_level<kChunk>(g, r.lc[l], res, p.expert_weight, r.y, c0, d, sigma, t);
     }
     Vec16 v[Elem<TS>::kVecs];
