@@ -19,6 +19,10 @@
 
 #include <omp.h>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -168,7 +172,44 @@ struct Scratch {
   float* eq[kMaxLevels];     // exp((s − max s)/τ_ℓ)
   float* et[kMaxLevels];     // t_ℓ/τ_ℓ → exp(t_ℓ/τ_ℓ − max) → u_ℓ
   float* sf;                 // s as float (low-precision students), later the float gradient
+  void* out;                 // the finished gradient row in the output dtype, before streaming out
 };
+
+// Copies a finished row to the gradient with non-temporal stores where the CPU
+// has them: the N×C gradient is written once and read back only by the
+// backward pass, so caching it would only fetch each line first (a read for
+// ownership, a third of the kernel's memory traffic) and evict the scratch rows.
+void stream_out(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const size_t head = std::min(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  d += head;
+  s += head;
+  bytes -= head;
+  const size_t body = bytes & ~size_t{63};
+  for (size_t i = 0; i < body; i += 64) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + i),
+                        _mm512_loadu_si512(reinterpret_cast<const void*>(s + i)));
+#elif defined(__AVX__)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32)));
+#else
+    for (size_t k = 0; k < 64; k += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + k),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + k)));
+#endif
+  }
+  std::memcpy(d + body, s + body, bytes - body);
+  _mm_sfence();  // streamed stores are weakly ordered: publish them before the row is done
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
 
 // et[c] = exp(et[c] − shift); returns Σ_c et[c].
 MOEKD_INLINE double exp_in_place_sum(float* et, int64_t C, float shift) {
@@ -330,9 +371,9 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   double u_total = 0.0, u_over_D = 0.0, u_log_D = 0.0;
   double u_rest = 0.0;                    // Σ_ℓ Σ_{c≠y} u_ℓc
   double u_log_D_rest = 0.0;              // Σ_ℓ Σ_{c≠y} u_ℓc log D_ℓc
-  double u_log_q[kMaxLevels];             // Σ_c u_ℓc log q_ℓc
+  double u_log_q[kMaxLevels] = {};        // Σ_c u_ℓc log q_ℓc
   double level_scale[kMaxLevels];         // u_ℓc = level_scale · class_terms(...).u
-  double u_y[kMaxLevels], u_y_over_D[kMaxLevels];
+  double u_y[kMaxLevels] = {}, u_y_over_D[kMaxLevels] = {};
   for (int l = 0; l < L; ++l) {
     float* et = sc.et[l];
     const float* es = sc.es;
@@ -403,7 +444,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
 
   // ---- pass 3: the gradient ----
   //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
-  float* g = std::is_same<TS, float>::value ? reinterpret_cast<float*>(grad_row) : sc.sf;
+  float* g = std::is_same<TS, float>::value ? static_cast<float*>(sc.out) : sc.sf;
   const float sigma_coeff = static_cast<float>(lam_e * row.A / Zs);  // λ_e A σ_j = · es_j
   const float inv_G = row.inv_G;
   for (int l = 0; l < L; ++l) {
@@ -436,9 +477,11 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     g[y] = static_cast<float>((lam_e != 0.0f ? lam_e * expert : 0.0) + gate);
   }
   if (!std::is_same<TS, float>::value) {
+    TS* out = static_cast<TS*>(sc.out);
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) store(grad_row + j, g[j]);
+    for (int64_t j = 0; j < C; ++j) store(out + j, g[j]);
   }
+  stream_out(grad_row, sc.out, sizeof(TS) * C);
 }
 
 template <typename TS, typename TT>
@@ -447,7 +490,7 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
   if (N <= 0 || C <= 0) return;
   const int L = p.num_levels;
   const int64_t stride = (C + 15) & ~int64_t{15};  // 64-byte aligned rows
-  const int64_t rows_per_thread = 2 + 2 * static_cast<int64_t>(L);
+  const int64_t rows_per_thread = 3 + 2 * static_cast<int64_t>(L);
   int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N)));
   // Allocated here, not inside the parallel region, so a bad_alloc reaches the caller.
@@ -467,6 +510,7 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
       sc.et[l] = mine + stride * (1 + L + l);
     }
     sc.sf = mine + stride * (1 + 2 * L);
+    sc.out = mine + stride * (2 + 2 * L);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < N; ++n) process_row<TS, TT>(a, p, n, sc);
   }
