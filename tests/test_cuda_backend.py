@@ -279,6 +279,30 @@ def test_emulated_rows_match_oracle(emulator, tmp_path, C, L, dtype, teacher_dty
     _check_against_oracle(result, case)
 
 
+@pytest.fixture(scope="module")
+def emulator_gpu_ulps(tmp_path_factory):
+    """The emulation with every exp2, reciprocal and log2 biased by about the error of
+    the GPU's approximate instructions, all in one direction (-DMOEKD_EMULATE_GPU_ULPS)."""
+    if CXX is None:
+        pytest.skip("no C++ compiler on PATH: cannot build the host emulation")
+    exe = tmp_path_factory.mktemp("emu_ulps") / "host_emulation"
+    proc = subprocess.run([CXX, "-std=c++17", "-O1", "-DMOEKD_EMULATE_GPU_ULPS", f"-I{CSRC}",
+                           str(CUDA_DIR / "host_emulation.cpp"), "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return exe
+
+
+@pytest.mark.parametrize("C,L", [(1, 1), (9, 3), (127, 1), (1031, 2), (4097, 1)])
+def test_emulated_float32_tolerance_survives_gpu_sized_errors(emulator_gpu_ulps, tmp_path, C, L):
+    """The kernel's float32 error budget leaves room for the GPU's 2-ulp exp2/rcp and
+    2^-22 log2 even when they all err the same way: still within 1e-5 of float64."""
+    options = LEVEL_OPTIONS[L]
+    case = make_case(6, C, L, seed=C + L, **options)
+    result = emulate(emulator_gpu_ulps, case.student, _levels(case), case.target, options, threads=64,
+                     tmp_path=tmp_path)
+    _check_against_oracle(result, case)
+
+
 def test_emulated_special_rows(emulator, tmp_path):
     """Ignored rows give zeros; out-of-range targets NaN (never read at y); −inf
     classes masked in both student and teacher change nothing else."""

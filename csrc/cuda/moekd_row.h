@@ -92,6 +92,8 @@ MOEKD_HD uint32_t float_to_bits(float f) {
 MOEKD_HD float fast_rcp(float x) {
 #if defined(__CUDA_ARCH__)
   return __fdividef(1.0f, x);
+#elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: a 2-ulp reciprocal, as on the GPU
+  return (1.0f / x) * (1.0f - 2.4e-7f);
 #else
   return 1.0f / x;
 #endif
