@@ -79,6 +79,22 @@ def parse_ptxas(log: str):
     return kernels
 
 
+def test_parse_ptxas_sees_spills():
+    log = """ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'
+ptxas info    : Function properties for _Z1kv
+    16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 1968 bytes smem
+ptxas info    : Compiling entry function '_Z1jv' for 'sm_90'
+ptxas info    : Function properties for _Z1jv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 80 registers, used 0 barriers
+"""
+    assert parse_ptxas(log) == {
+        "_Z1kv": {"registers": 64, "stack": 16, "spill_stores": 12, "spill_loads": 8},
+        "_Z1jv": {"registers": 80, "stack": 0, "spill_stores": 0, "spill_loads": 0},
+    }
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compile-checked")
 @pytest.mark.parametrize("source", sorted(p.name for p in CUDA_DIR.glob("*.cu")))
 def test_cu_compiles_for_sm90_without_spills(source, tmp_path, record_property):
@@ -93,6 +109,8 @@ def test_cu_compiles_for_sm90_without_spills(source, tmp_path, record_property):
 
     kernels = parse_ptxas(log)
     assert kernels, f"no kernels reported by ptxas:\n{log[-3000:]}"
+    assert all("registers" in k and "spill_stores" in k for k in kernels.values()), \
+        f"ptxas -v output not understood:\n{log[-3000:]}"
     names = _demangle(list(kernels))
     rows = [f"ptxas sm_90, {source} ({seconds:.0f} s):",
             f"  {'kernel':<62} {'regs':>4} {'stack':>5} {'spill st':>8} {'spill ld':>8}"]
@@ -124,7 +142,7 @@ def test_binding_compiles_against_torch_headers():
     assert "warning" not in proc.stderr, proc.stderr[-6000:]
 
 
-def test_binding_and_launcher_header_include_no_cuda_or_torch_in_kernel():
+def test_kernel_sources_include_no_torch_and_binding_no_cuda():
     kernel_side = [CUDA_DIR / "moekd_cuda.cu", CUDA_DIR / "moekd_cuda.cuh", CUDA_DIR / "moekd_row.h",
                    CUDA_DIR / "moekd_cuda.h"]
     for path in kernel_side:
