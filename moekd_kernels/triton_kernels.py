@@ -259,7 +259,12 @@ def moe_kd_row_kernel(
         nan_if_bad = tl.where(in_range, 0.0, float("nan"))
         tl.store(loss_ptr + row, loss + nan_if_bad)
         tl.store(log_likelihood_ptr + row, log_sigma_y + tl.log(G) + nan_if_bad)  # m
-        tl.store(agreement_ptr + row, tl.sum(r_y, axis=0) + nan_if_bad)          # a = Σ_ℓ r_ℓy
+        # a = Σ_ℓ r_ℓy. u_ℓy is recomputed here, outside G's sum, so when the
+        # teacher is certain of y rounding can put a an ulp above 1; cap it
+        # (a NaN fails the test and stays NaN).
+        agreement = tl.sum(u_y, axis=0) / G
+        agreement = tl.where(agreement > 1.0, 1.0, agreement)
+        tl.store(agreement_ptr + row, agreement + nan_if_bad)
         A = u_over_D * inv_G                                                     # Σ r/D
         R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
 
