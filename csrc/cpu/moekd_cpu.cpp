@@ -1,17 +1,22 @@
 // Fused MoE-KD rows on the CPU (see moekd_cpu.h and csrc/common/moekd_math.h).
 //
-// Cost model: on a CPU this loss is bound by exp, not by memory, so every exp
-// is taken exactly once per element and kept. Each thread owns a scratch block
-// of (1 + 2L) float rows and walks its rows one at a time, so a row's data
-// stays in L1/L2 across the passes:
+// Cost model: per class the loss needs 1 + 2L exps and L logs, which at
+// ~1 ns per element per core outweigh reading s and t, so every exp is taken
+// exactly once and kept. Each thread owns a scratch block of float rows and
+// walks its rows one at a time, so a row's data stays in L1/L2 across passes:
 //   1. max of s and of every t_ℓ/τ_ℓ (one read of the inputs), then
 //      es = exp(s − max s), eq_ℓ = exp((s − max s)/τ_ℓ), et_ℓ = exp(t_ℓ/τ_ℓ − max)
-//      and their sums: the only exps of the whole row, 1 + 2L per class.
+//      and their sums: the only exps of the row.
 //   2. per level, the RowSums of moekd_math.h from es, et_ℓ and s; et_ℓ is
-//      overwritten with u_ℓ, the unnormalised responsibilities.
-//   3. the gradient from es, eq_ℓ and u_ℓ: no exp, one division per level.
+//      overwritten with the class's pass-3 factor. The target class is left out
+//      and added on its own, so its terms never cancel against the rest.
+//   3. the gradient from es, eq_ℓ and those factors: two multiply-adds per
+//      class and level, then the finished row is streamed to memory.
+// The loss and the target's gradient are finished in double from sums of
+// one-signed terms (stable_loss, the end of process_row): they stay accurate
+// when the experts saturate and the textbook terms cancel.
 // exp and log are polynomial versions that GCC vectorises under `omp simd`;
-// both are within ~2 ulp of libm and keep the IEEE special cases (exp(−inf) = 0,
+// both are within ~3 ulp of libm and keep the IEEE special cases (exp(−inf) = 0,
 // NaN in → NaN out), which is why the build avoids -ffast-math.
 // Sums over classes run in float within blocks of kSumBlock classes and in
 // double across blocks, so C = 131072 loses no accuracy to long float sums.
@@ -168,9 +173,9 @@ void fill_row(T* row, int64_t n, float value) {
 
 // Per-thread scratch rows (floats, 64-byte aligned, length `stride` each).
 struct Scratch {
-  float* es;                 // exp(s − max s), then nothing
+  float* es;                 // exp(s − max s)
   float* eq[kMaxLevels];     // exp((s − max s)/τ_ℓ)
-  float* et[kMaxLevels];     // t_ℓ/τ_ℓ → exp(t_ℓ/τ_ℓ − max) → u_ℓ
+  float* et[kMaxLevels];     // t_ℓ/τ_ℓ → exp(t_ℓ/τ_ℓ − max) → pass-3 factor u (λ_e x/D − λ_g τ)
   float* sf;                 // s as float (low-precision students), later the float gradient
   void* out;                 // the finished gradient row in the output dtype, before streaming out
 };
