@@ -115,7 +115,13 @@ def describe_auto() -> str:
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Turn "auto" into a concrete backend for ``device``; check explicit choices."""
     check_backend_name(name)
-    device_type = torch.device(device).type
+    return _resolve(name, torch.device(device).type, dtype)
+
+
+# torch.compile runs this once while tracing and keeps the name as a constant:
+# tracing into it would reach importlib and lru_cache, both graph breaks.
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, dtype: torch.dtype) -> str:
     if name == "auto":
         # The kernels accumulate in float32; float64 callers want float64 all the way.
         return "reference" if dtype == torch.float64 else auto_backend(device_type)

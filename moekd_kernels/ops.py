@@ -7,6 +7,14 @@ A fake (meta) implementation gives torch.compile the output shapes, so a
 compiled training step keeps the whole call in one graph whatever the
 backend (C++, CUDA or Triton) does inside.
 
+Why one opaque custom_op rather than ``torch.library.triton_op`` + ``wrap_triton``
+for the GPU path: the op has one implementation per backend (reference, C++,
+CUDA, Triton, and Triton's CPU interpreter in the tests), and only one of them
+could be a triton_op. What triton_op adds, Inductor seeing the launch, buys
+nothing here: Inductor does not fuse a user kernel with its neighbours, and the
+kernel runs for milliseconds at the sizes that matter against microseconds of
+dispatch. The Triton launch has no host sync and allocates with torch.empty.
+
 Backward only scales the saved gradient by the incoming per-row gradient.
 The reduction ("mean", "sum") is plain PyTorch on the per-row loss outside
 the op, so its autograd turns into that per-row scale.
@@ -66,6 +74,10 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     if grad_loss is None:
         return (None,) * 10
     (grad,) = ctx.saved_tensors
+    if torch.compiler.is_compiling():
+        # AOTAutograd functionalises backward anyway (and rejects mutating a
+        # buffer the graph may also return), so write the plain product.
+        return (grad * grad_loss.unsqueeze(-1),) + (None,) * 9
     # Scaling in place keeps one N×C buffer alive instead of two. The version
     # counter then makes a second backward through the same graph raise
     # PyTorch's usual "modified by an inplace operation" error instead of

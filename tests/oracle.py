@@ -42,9 +42,9 @@ def naive_oracle(case: Case):
     """(loss, grad, log_likelihood, agreement) per row, float64, by the literal mixture."""
     opts = {"temperature": 4.0, "expert_strength": 2.0, "level_weights": None,
             "gate_weight": 1.0, "expert_weight": 1.0, "ignore_index": -100, **case.options}
-    s_all = case.student.detach().double().reshape(-1, case.student.shape[-1])
+    s_all = case.student.detach().cpu().double().reshape(-1, case.student.shape[-1])
     num_rows, num_classes = s_all.shape
-    teacher = case.teacher.detach().double()
+    teacher = case.teacher.detach().cpu().double()
     if teacher.dim() == case.student.dim():
         teacher = teacher.unsqueeze(0)
     teacher = teacher.reshape(teacher.shape[0], num_rows, num_classes)
@@ -54,7 +54,7 @@ def naive_oracle(case: Case):
     weights = opts["level_weights"] if opts["level_weights"] is not None else [1.0] * num_levels
     weights = [w / sum(weights) for w in weights]
     lam_g, lam_e = opts["gate_weight"], opts["expert_weight"]
-    target = case.target.reshape(-1)
+    target = case.target.reshape(-1).cpu()
 
     loss = torch.zeros(num_rows, dtype=torch.float64)
     ll = torch.zeros(num_rows, dtype=torch.float64)
