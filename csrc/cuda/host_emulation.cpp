@@ -104,7 +104,8 @@ void run(Job& job) {
       r.L = L;
       r.gi = g;
       r.G = G;
-      r.cache = job.use_cache ? caches[rank].data() : nullptr;
+      r.cached = job.use_cache != 0;
+      r.cache = caches[rank].data();
       r.cache_tid = tid;
       r.cache_width = threads;
       r.cache_slots = slots;

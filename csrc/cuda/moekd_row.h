@@ -88,10 +88,30 @@ MOEKD_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// 1/D for D in [1, exp(50)]: one reciprocal instruction on the GPU (2 ulp).
+// 2^x in one instruction on the GPU (ex2.approx.ftz: 2 ulp, results below 2^-126 flushed
+// to 0). exp2f itself adds a denormal fix-up of three more instructions around each
+// of the ~11 exponentials per element; the flushed values (< 1e-38) change no sum.
+// exp2(−inf) = 0 and NaN stays NaN either way.
+MOEKD_HD float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: flush as the GPU does
+  const float y = exp2f(x);
+  return y < 0x1p-126f ? 0.0f : y;
+#else
+  return exp2f(x);
+#endif
+}
+
+// 1/D for D in [1, exp(50)]: one instruction on the GPU (rcp.approx.ftz, 1 ulp); D is
+// never subnormal, so the flush costs nothing (__fdividef adds a range fix-up).
 MOEKD_HD float fast_rcp(float x) {
 #if defined(__CUDA_ARCH__)
-  return __fdividef(1.0f, x);
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 #elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: a 2-ulp reciprocal, as on the GPU
   return (1.0f / x) * (1.0f - 2.4e-7f);
 #else
@@ -109,10 +129,13 @@ MOEKD_HD float mul_rn(float x, float y) {
 #endif
 }
 
-// log2 for D >= 1; absolute error below 2^-22 near 1, 2 ulp above 2.
+// log2 for D >= 1 in one instruction (lg2.approx.ftz: absolute error below 2^-22 near 1,
+// 2 ulp above 2; __log2f adds a subnormal fix-up D never needs).
 MOEKD_HD float fast_log2(float x) {
 #if defined(__CUDA_ARCH__)
-  return __log2f(x);
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 #else
   return log2f(x);
 #endif
@@ -276,7 +299,7 @@ MOEKD_HD Pass1Level pass1_identity() { return {-INFINITY, 0.0f, 0.0f, -INFINITY,
 
 // Factor taking a sum relative to max m to one relative to M >= m. m == M covers
 // (−inf, −inf), which would otherwise give exp2(NaN); m = −inf < M gives 0.
-MOEKD_HD float rescale(float m, float M, float k) { return m == M ? 1.0f : exp2f((m - M) * k); }
+MOEKD_HD float rescale(float m, float M, float k) { return m == M ? 1.0f : fast_exp2((m - M) * k); }
 
 // a ← a ⊕ b, with k2 = log2(e)/τ_ℓ. Symmetric to the bit (products rounded apart, then
 // one commutative add), so a butterfly leaves all lanes with the same values.
@@ -301,7 +324,7 @@ MOEKD_HD void online_add(float& max, float (&sum)[NS], const float (&k)[NS], con
   if (m != max) {
     const float dm = max - m;  // −inf when the old max was −inf: the old sums (0) stay 0
     MOEKD_UNROLL
-    for (int n = 0; n < NS; ++n) sum[n] *= exp2f(dm * k[n]);
+    for (int n = 0; n < NS; ++n) sum[n] *= fast_exp2(dm * k[n]);
     max = m;
   }
   const float ref = m == -INFINITY ? 0.0f : m;
@@ -309,7 +332,7 @@ MOEKD_HD void online_add(float& max, float (&sum)[NS], const float (&k)[NS], con
   for (int i = 0; i < W; ++i) {
     const float d = x[i] - ref;
     MOEKD_UNROLL
-    for (int n = 0; n < NS; ++n) sum[n] += exp2f(d * k[n]);
+    for (int n = 0; n < NS; ++n) sum[n] += fast_exp2(d * k[n]);
   }
 }
 
@@ -318,7 +341,7 @@ template <int W>
 MOEKD_HD void fixed_add(float max, float& sum, float k, const float (&x)[W]) {
   const float ref = max == -INFINITY ? 0.0f : max;
   MOEKD_UNROLL
-  for (int i = 0; i < W; ++i) sum += exp2f((x[i] - ref) * k);
+  for (int i = 0; i < W; ++i) sum += fast_exp2((x[i] - ref) * k);
 }
 
 // ---- one row, as seen by one thread ----------------------------------------------
@@ -332,7 +355,8 @@ struct RowCtx {
   int C, L, y;                // classes, levels, target (0 <= y < C for rows that reach the passes)
   int head, nchunks, nscalar; // layout: [0, head) scalar, then nchunks chunks, then the tail
   int gi, G;                  // this thread's index in the row's group, the group's size
-  Vec16* cache;               // this thread's CTA's cache, or nullptr: read global memory again
+  bool cached;                // keep chunks in `cache`; else read global memory again
+  Vec16* cache;               // this thread's CTA's cache (when cached)
   int cache_tid, cache_width; // index and count of the threads sharing that cache
   int cache_slots;            // chunks per thread the cache holds (>= ceil(nchunks / G))
   LevelConsts* lc;            // the group's level constants (shared memory on the GPU)
@@ -342,12 +366,13 @@ struct RowCtx {
   MOEKD_HD int scalar_class(int e) const { return e < head ? e : e + kChunk * nchunks; }
   // Cache slot of this thread's j-th chunk of tensor `which` (0: student, 1 + ℓ: teacher
   // level ℓ), vector v of the chunk. Consecutive threads use consecutive 16-byte slots.
+  // (int offsets: a cache is at most one block's shared memory, < 2^14 vectors.)
   MOEKD_HD Vec16* slot(int which, int j, int v) const {
     constexpr int VS = Elem<TS>::kVecs, VT = Elem<TT>::kVecs;
-    const long long plane = static_cast<long long>(cache_slots) * cache_width;
-    const long long base = which == 0 ? 0 : plane * (VS + (which - 1) * VT);
+    const int plane = cache_slots * cache_width;
+    const int base = which == 0 ? 0 : plane * (VS + (which - 1) * VT);
     const int vecs = which == 0 ? VS : VT;
-    return cache + base + (static_cast<long long>(j) * vecs + v) * cache_width + cache_tid;
+    return cache + (base + (j * vecs + v) * cache_width + cache_tid);
   }
 };
 
@@ -381,14 +406,14 @@ MOEKD_HD void load_chunk(const RowCtx<TS, TT>& r, const T* row, int which, int j
                          float (&x)[kChunk]) {
   constexpr int V = Elem<T>::kVecs;
   Vec16 v[V];
-  if (r.cache != nullptr && !first_read) {
+  if (r.cached && !first_read) {
     MOEKD_UNROLL
     for (int i = 0; i < V; ++i) v[i] = *r.slot(which, j, i);
   } else {
     const Vec16* src = reinterpret_cast<const Vec16*>(row + c0);
     MOEKD_UNROLL
     for (int i = 0; i < V; ++i) v[i] = src[i];
-    if (r.cache != nullptr) {
+    if (r.cached) {
       MOEKD_UNROLL
       for (int i = 0; i < V; ++i) *r.slot(which, j, i) = v[i];
     }
@@ -493,8 +518,8 @@ MOEKD_HD void pass2_classes(LevelSums& s, const LevelConsts& c, const RowConsts&
   MOEKD_UNROLL
   for (int i = 0; i < W; ++i) {
     const float d = x[i] - rc.s_max;
-    const float sigma = exp2f(fmaf(d, kLog2e, -rc.s_lse2));
-    const float pi = exp2f(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
+    const float sigma = fast_exp2(fmaf(d, kLog2e, -rc.s_lse2));
+    const float pi = fast_exp2(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
     const float log_q = fmaf(d, c.inv_tau, -c.q_lse);
     const bool is_target = c0 + i == y;
     const float D = expert_normaliser(c.expm1_beta, sigma);
@@ -584,8 +609,8 @@ MOEKD_HD void pass3_level(float (&g)[W], const LevelConsts& c, const RowResult& 
                           int y, int c0, const float (&d)[W], const float (&sigma)[W], const float (&t)[W]) {
   MOEKD_UNROLL
   for (int i = 0; i < W; ++i) {
-    const float pi = exp2f(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
-    const float q = exp2f(fmaf(d[i], c.k2, -c.q_lse2));
+    const float pi = fast_exp2(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
+    const float q = fast_exp2(fmaf(d[i], c.k2, -c.q_lse2));
     const float D = expert_normaliser(c.expm1_beta, sigma[i]);
     const float inv_D = fast_rcp(D);
     const float r = c.weight * pi * (c0 + i == y ? c.exp_beta : 1.0f) * inv_D * res.inv_G;
@@ -600,7 +625,7 @@ MOEKD_HD void pass3_start(float (&g)[W], float (&d)[W], float (&sigma)[W], const
   MOEKD_UNROLL
   for (int i = 0; i < W; ++i) {
     d[i] = x[i] - rc.s_max;
-    sigma[i] = exp2f(fmaf(d[i], kLog2e, -rc.s_lse2));
+    sigma[i] = fast_exp2(fmaf(d[i], kLog2e, -rc.s_lse2));
     g[i] = grad_base_term(p, res, sigma[i], c0 + i == y);
   }
 }
@@ -614,8 +639,11 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
     load_chunk(r, r.s, 0, j, c0, false, x);
     load_chunk(r, r.t, 1, j, c0, false, t);  // level 0 before any math: the loads overlap
     pass3_start<kChunk>(g, d, sigma, p, rc, res, r.y, c0, x);
-    for (int l = 0; l < r.L; ++l) {
-      if (l > 0) load_chunk(r, r.level(l), 1 + l, j, c0, false, t);
+    // Level 0 outside the loop: with one level (the common case) the chunk's math is
+    // straight-line code, and d and σ need not stay live across a loop.
+    pass3_level<kChunk>(g, r.lc[0], res, p.expert_weight, r.y, c0, d, sigma, t);
+    for (int l = 1; l < r.L; ++l) {
+      load_chunk(r, r.level(l), 1 + l, j, c0, false, t);
       pass3_level<kChunk>(g, r.lc[l], res, p.expert_weight, r.y, c0, d, sigma, t);
     }
     Vec16 v[Elem<TS>::kVecs];
