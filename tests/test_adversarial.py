@@ -284,6 +284,25 @@ def test_nan_and_inf_in_ignored_rows_change_nothing(backend):
 
 
 @backends
+def test_rows_without_a_distribution_give_nan(backend):
+    """An all −inf student row (F.cross_entropy gives NaN too), an all −inf teacher level
+    (π undefined), a +inf logit (inf − inf): NaN for that row, never a finite number,
+    and the other rows untouched."""
+    case = make_case(5, 6, 1, seed=42, ignore_frac=0.0)
+    student, teacher = case.student.clone(), case.teacher.clone()
+    student[0] = -INF
+    teacher[1] = -INF
+    student[2, 4] = INF
+    teacher[3, 5] = INF
+    assert F.cross_entropy(student[:1], case.target[:1]).isnan()
+    clean = _per_row(backend, case.student, case.teacher, case.target)
+    dirty = _per_row(backend, student, teacher, case.target)
+    for got, ref in zip(dirty[:3], clean[:3]):
+        assert got[:4].isnan().all() and torch.equal(got[4], ref[4])
+    assert dirty[3][:4].isnan().any(dim=1).all() and torch.equal(dirty[3][4], clean[3][4])
+
+
+@backends
 def test_out_of_range_targets_at_the_backend_level_give_nan_rows(backend):
     """The Python layer rejects them for CPU tensors; a backend handed one anyway (as a
     GPU kernel is, unchecked) must not read out of bounds and returns NaN for that row."""
@@ -411,6 +430,25 @@ def test_strided_transposed_and_broadcast_inputs(backend, num_levels, layout):
     leaf_grad = torch.autograd.grad(fused_moe_kd_loss(view(leaf), teacher, target, reduction="sum",
                                                       backend=backend, **options), leaf)[0]
     assert torch.isfinite(leaf_grad).all()
+
+
+@pytest.mark.parametrize("backend", ("auto",) + BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("teacher_dtype", KERNEL_DTYPES + (torch.float64,))
+def test_teacher_dtype_may_differ_from_the_student(backend, dtype, teacher_dtype):
+    """SPEC: teacher and student dtypes may differ; the API takes any floating teacher.
+    backend="auto" picks by the student's dtype, so every kernel it may pick has to
+    take a float64 teacher too (precomputed teacher logits are often float64)."""
+    case = make_case(6, 20, 2, dtype=dtype, teacher_dtype=teacher_dtype, seed=43)
+    check_backend(backend, case)
+
+
+@pytest.mark.parametrize("num_levels", [8, 9, 12])
+def test_auto_backend_takes_any_number_of_levels(num_levels):
+    """The API accepts any L >= 1; backend="auto" must not pick a kernel that then
+    refuses the call (the C++ kernel holds at most kMaxLevels = 8 levels)."""
+    case = make_case(4, 10, num_levels, seed=44, ignore_frac=0.0)
+    check_backend("auto", case)
 
 
 @backends
