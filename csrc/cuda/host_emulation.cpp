@@ -28,7 +28,7 @@
 #include <math.h>
 
 // -DMOEKD_EMULATE_GPU_ULPS: bias every exp2, reciprocal and log2 by about the error of
-// the GPU's approximate instructions (ex2.approx 2 ulp, div.approx 2 ulp, lg2.approx
+// the GPU's approximate instructions (ex2.approx 2 ulp, rcp.approx 1 ulp, lg2.approx
 // 2^-22 absolute), always in the same direction: the worst case for the sums.
 #if defined(MOEKD_EMULATE_GPU_ULPS)
 #define exp2f(x) (exp2f(x) * (1.0f + 3.6e-7f))

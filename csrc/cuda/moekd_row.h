@@ -27,7 +27,7 @@
 // Math. Exponentials are base 2 (exp2(x·log2e) = exp(x)): the GPU's exp2 is one
 // special-function instruction, and log2e is folded into k2 = log2(e)/τ_ℓ.
 // pass2_classes mirrors moekd::row_sums_add and pass3_level moekd::grad_level_term,
-// with 1/D formed once (a 2-ulp reciprocal) and log D as log2(D)·ln2. log D only
+// with 1/D formed once (an approximate reciprocal) and log D as log2(D)·ln2. log D only
 // enters the loss through Σ r log D with Σ r = 1, so its absolute error (< 2e-7)
 // is the loss's.
 #pragma once
@@ -112,7 +112,7 @@ MOEKD_HD float fast_rcp(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-#elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: a 2-ulp reciprocal, as on the GPU
+#elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: 2 ulp, more than rcp.approx errs
   return (1.0f / x) * (1.0f - 2.4e-7f);
 #else
   return 1.0f / x;
