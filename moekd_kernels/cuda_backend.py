@@ -11,10 +11,9 @@ library directly.
 A failed build is tried once per process; ``unavailable_reason("cuda")`` then
 returns why, and ``backend="auto"`` moves on to the next backend.
 
-How rows map onto the GPU is decided in C++ from C, L and the dtypes (see
-``describe_plan``). ``launch_config`` returns ``("auto",)`` unless ``MOEKD_CUDA_PATH``
-(or the module attribute ``FORCE_PATH``) forces one of "warp", "block", "cluster",
-"stream"; benchmarks/gpu_check.py --sweep patches it with each of ``SWEEP_SPACE``.
+How rows map onto the GPU is decided per call from C, L and the dtypes (see
+``describe_plan``); ``MOEKD_CUDA_PATH`` (or the module attribute ``FORCE_PATH``)
+forces one of "warp", "block", "cluster", "stream" for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ MAX_LEVELS = 8  # moekd::kMaxLevels in csrc/common/moekd_math.h
 # moekd_cuda::Path in csrc/cuda/moekd_cuda.h.
 PATHS = {"auto": 0, "warp": 1, "block": 2, "cluster": 3, "stream": 4}
 FORCE_PATH = os.environ.get("MOEKD_CUDA_PATH", "auto")
-SWEEP_SPACE = [("warp",), ("block",), ("cluster",), ("stream",)]
 
 # No --use_fast_math: the kernel relies on IEEE inf/NaN (masked classes, NaN
 # propagation) and picks its fast intrinsics itself where they are accurate.
@@ -164,16 +162,10 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return _load()[1]
 
 
-def launch_config(num_classes: int, num_levels: int, device_type: str = "cuda") -> tuple:
-    """(row mapping,): "auto" lets the C++ planner choose; see ``describe_plan``."""
-    return (FORCE_PATH,)
-
-
-def _path_code(num_classes: int, num_levels: int) -> int:
-    path = launch_config(num_classes, num_levels, "cuda")[0]
-    if path not in PATHS:
-        raise ValueError(f"MOEKD_CUDA_PATH must be one of {tuple(PATHS)}, got {path!r}")
-    return PATHS[path]
+def _path_code() -> int:
+    if FORCE_PATH not in PATHS:
+        raise ValueError(f"MOEKD_CUDA_PATH must be one of {tuple(PATHS)}, got {FORCE_PATH!r}")
+    return PATHS[FORCE_PATH]
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -207,7 +199,7 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
         float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        int(stream), _path_code(student.shape[1], teacher.shape[0]),
+        int(stream), _path_code(),
     )
     return loss, log_likelihood, agreement, grad
 
@@ -220,6 +212,6 @@ def describe_plan(num_classes: int, num_levels: int = 1, dtype: torch.dtype = to
     if extension is None:
         raise RuntimeError(f"backend='cuda' is not available: {failure}")
     device = torch.cuda.current_device() if device is None else device
-    code = PATHS[path] if path is not None else _path_code(num_classes, num_levels)
+    code = PATHS[path] if path is not None else _path_code()
     return extension.describe_plan(device, int(num_classes), int(num_levels), _DTYPE_NAMES[dtype],
                                    _DTYPE_NAMES[teacher_dtype or dtype], code)

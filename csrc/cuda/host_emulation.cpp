@@ -25,16 +25,6 @@
 #include <new>
 #include <vector>
 
-#include <math.h>
-
-// -DMOEKD_EMULATE_GPU_ULPS: bias every exp2, reciprocal and log2 by about the error of
-// the GPU's approximate instructions (ex2.approx 2 ulp, rcp.approx 1 ulp, lg2.approx
-// 2^-22 absolute), always in the same direction: the worst case for the sums.
-#if defined(MOEKD_EMULATE_GPU_ULPS)
-#define exp2f(x) (exp2f(x) * (1.0f + 3.6e-7f))
-#define log2f(x) (log2f(x) + 2.4e-7f)
-#endif
-
 #include "cuda/moekd_row.h"
 
 using namespace moekd::cuda_row;
@@ -104,8 +94,7 @@ void run(Job& job) {
       r.L = L;
       r.gi = g;
       r.G = G;
-      r.cached = job.use_cache != 0;
-      r.cache = caches[rank].data();
+      r.cache = job.use_cache ? caches[rank].data() : nullptr;
       r.cache_tid = tid;
       r.cache_width = threads;
       r.cache_slots = slots;

@@ -1,10 +1,8 @@
 // Kernel instantiations, launch planning and the launcher (moekd_cuda.h).
 #include <cuda_runtime.h>
 
-#include <map>
 #include <mutex>
 #include <set>
-#include <tuple>
 #include <stdio.h>
 #include <string>
 #include <utility>
@@ -25,12 +23,10 @@ using moekd::cuda_row::kChunk;
 using moekd::cuda_row::Vec16;
 
 // Shared-memory cache budgets. 96 KB per block leaves room for two blocks per SM
-// (228 KB), so one block's loads overlap another's math. Clusters keep to it too:
-// on an H100, fp32 rows of 131072 classes as 8 blocks of 128 KB (one 8-warp block
-// per SM) ran 1.5x slower than Triton's streaming kernel (benchmarks/RESULTS.md).
+// (228 KB), so one block's loads overlap another's math.
 constexpr long long kWarpCacheBudget = 64 * 1024;   // per block of 8 warp rows
 constexpr long long kBlockCacheBudget = 96 * 1024;  // per block
-constexpr long long kClusterBudgetMax = kBlockCacheBudget + 8 * 1024;  // per block, slot rounding included
+constexpr long long kClusterBudgetMax = 160 * 1024; // per block at cluster size 8
 constexpr long long kWarpRowsMaxClasses = 1024;     // auto: warp rows up to this C
 constexpr int kChunksPerThread = 4;                 // cached paths: chunks each thread keeps, at least
 constexpr int kCachedMaxThreads = 256;              // cached paths: 2-3 blocks of ~80 registers per SM
@@ -129,8 +125,7 @@ struct Plan {
   bool cache = false;
   int cache_slots = 0;
   long long group_cache_vecs = 0;
-  long long smem = 0;     // dynamic shared memory per block, bytes
-  long long dyn_max = 0;  // the most dynamic shared memory the kernel can have on this device
+  long long smem = 0;  // dynamic shared memory per block, bytes
   const void* kernel = nullptr;
 
   std::string describe() const {
@@ -161,7 +156,7 @@ void cached_geometry(long long chunks, int max_thr, int& threads, int& slots) {
   if (slots < 1) slots = 1;
 }
 
-const char* make_plan_uncached(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
+const char* make_plan(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
   DeviceInfo dev;
   if (const char* err = device_info(device, dev)) return err;
   if (L < 1 || L > moekd::kMaxLevels) return fail("moekd cuda: number of levels out of range");
@@ -184,7 +179,6 @@ const char* make_plan_uncached(int device, long long C, int L, DType sd, DType t
     return fail(std::string("moekd cuda: the kernel cannot run on this device (") + cudaGetErrorString(e) +
                 "); it was built for another architecture?");
   const long long dyn_max = dev.smem_optin - static_cast<long long>(attr.sharedSizeBytes);
-  plan.dyn_max = dyn_max;
 
   if (plan.warp_rows) {
     plan.threads = kWarpRowsThreads;
@@ -228,8 +222,7 @@ const char* make_plan_uncached(int device, long long C, int L, DType sd, DType t
     int threads, slots;
     cached_geometry(ceil_div(chunks, K), kCachedMaxThreads, threads, slots);
     const long long bytes = static_cast<long long>(slots) * threads * vpc * 16;
-    // Forced (tests, sweeps): whatever fits; auto keeps two blocks per SM.
-    if (bytes > dyn_max || (!forced && bytes > kClusterBudgetMax)) {
+    if (bytes > dyn_max || bytes > kClusterBudgetMax) {
       return fail("moekd cuda: the row does not fit the shared memory of an 8-block cluster");
     }
     plan.threads = threads;
@@ -260,7 +253,6 @@ const char* make_plan_uncached(int device, long long C, int L, DType sd, DType t
       if (forced) return fail("moekd cuda: this cluster cannot be scheduled on the device");
       plan = Plan();
       plan.kernel = kernel_for_dtypes(sd, td, false);
-      plan.dyn_max = dyn_max;
       path = kStreamRow;
     } else {
       return nullptr;
@@ -276,30 +268,6 @@ const char* make_plan_uncached(int device, long long C, int L, DType sd, DType t
   plan.cache_slots = 0;
   plan.group_cache_vecs = 0;
   plan.smem = 0;
-  return nullptr;
-}
-
-// Plans depend only on these inputs; caching them keeps the attribute and occupancy
-// queries off the per-call path.
-const char* make_plan(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
-  using Key = std::tuple<int, long long, int, int, int, int>;
-  static std::map<Key, Plan> cache;
-  const Key key{device, C, L, static_cast<int>(sd), static_cast<int>(td), path};
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    const auto it = cache.find(key);
-    if (it != cache.end()) {
-      plan = it->second;
-      return nullptr;
-    }
-  }
-  if (const char* err = make_plan_uncached(device, C, L, sd, td, path, plan)) return err;
-  if (plan.smem > 48 * 1024) {
-    if (const char* err = allow_dynamic_smem(plan.kernel, device, plan.dyn_max)) return err;
-  }
-  std::lock_guard<std::mutex> lock(g_mutex);
-  if (cache.size() > 4096) cache.clear();  // bound it for programs that see many shapes
-  cache.emplace(key, plan);
   return nullptr;
 }
 
@@ -363,6 +331,17 @@ const char* launch(const LaunchArgs& args) {
   long long blocks = plan.warp_rows ? ceil_div(args.num_rows, plan.threads / 32)
                                     : args.num_rows * static_cast<long long>(plan.cluster);
   if (blocks > 0x7fffffffLL) return fail("moekd cuda: too many rows for one launch");
+
+  if (plan.smem > 48 * 1024) {
+    DeviceInfo dev;
+    if (const char* err = device_info(args.device, dev)) return err;
+    cudaFuncAttributes attr;
+    const cudaError_t e = cudaFuncGetAttributes(&attr, plan.kernel);
+    if (e != cudaSuccess) return fail(std::string("moekd cuda: ") + cudaGetErrorString(e));
+    if (const char* err = allow_dynamic_smem(plan.kernel, args.device,
+                                             dev.smem_optin - static_cast<long long>(attr.sharedSizeBytes)))
+      return err;
+  }
 
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);

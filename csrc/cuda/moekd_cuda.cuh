@@ -162,7 +162,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   long long row;
   int K = 1;
   bool leader;
-  r.cached = a.use_cache != 0;
+  r.cache = nullptr;
   if constexpr (kWarpRows) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     row = static_cast<long long>(blockIdx.x) * kGroups + warp;
@@ -171,7 +171,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
     r.G = 32;
     r.cache_tid = lane;
     r.cache_width = 32;
-    r.cache = smem_cache + (r.cached ? warp * a.group_cache_vecs : 0);
+    if (a.use_cache) r.cache = smem_cache + warp * a.group_cache_vecs;
     r.lc = level_consts[warp];
     leader = lane == 0;
   } else {
@@ -182,7 +182,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
     r.G = K * static_cast<int>(blockDim.x);
     r.cache_tid = threadIdx.x;
     r.cache_width = blockDim.x;
-    r.cache = smem_cache;
+    if (a.use_cache) r.cache = smem_cache;
     r.lc = level_consts[0];
     leader = threadIdx.x == 0;  // one per block: each block of a cluster has its own copy
   }

@@ -27,7 +27,7 @@
 // Math. Exponentials are base 2 (exp2(x·log2e) = exp(x)): the GPU's exp2 is one
 // special-function instruction, and log2e is folded into k2 = log2(e)/τ_ℓ.
 // pass2_classes mirrors moekd::row_sums_add and pass3_level moekd::grad_level_term,
-// with 1/D formed once (an approximate reciprocal) and log D as log2(D)·ln2. log D only
+// with 1/D formed once (a 2-ulp reciprocal) and log D as log2(D)·ln2. log D only
 // enters the loss through Σ r log D with Σ r = 1, so its absolute error (< 2e-7)
 // is the loss's.
 #pragma once
@@ -88,54 +88,19 @@ MOEKD_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// 2^x in one instruction on the GPU (ex2.approx.ftz: 2 ulp, results below 2^-126 flushed
-// to 0). exp2f itself adds a denormal fix-up of three more instructions around each
-// of the ~11 exponentials per element; the flushed values (< 1e-38) change no sum.
-// exp2(−inf) = 0 and NaN stays NaN either way.
-MOEKD_HD float fast_exp2(float x) {
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: flush as the GPU does
-  const float y = exp2f(x);
-  return y < 0x1p-126f ? 0.0f : y;
-#else
-  return exp2f(x);
-#endif
-}
-
-// 1/D for D in [1, exp(50)]: one instruction on the GPU (rcp.approx.ftz, 1 ulp); D is
-// never subnormal, so the flush costs nothing (__fdividef adds a range fix-up).
+// 1/D for D in [1, exp(50)]: one reciprocal instruction on the GPU (2 ulp).
 MOEKD_HD float fast_rcp(float x) {
 #if defined(__CUDA_ARCH__)
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#elif defined(MOEKD_EMULATE_GPU_ULPS)  // host_emulation.cpp: 2 ulp, more than rcp.approx errs
-  return (1.0f / x) * (1.0f - 2.4e-7f);
+  return __fdividef(1.0f, x);
 #else
   return 1.0f / x;
 #endif
 }
 
-// x·y rounded on its own: never contracted into an FMA with a following add, so
-// x·fx + y·fy is the same bits as y·fy + x·fx (see pass1_merge).
-MOEKD_HD float mul_rn(float x, float y) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(x, y);
-#else
-  return x * y;
-#endif
-}
-
-// log2 for D >= 1 in one instruction (lg2.approx.ftz: absolute error below 2^-22 near 1,
-// 2 ulp above 2; __log2f adds a subnormal fix-up D never needs).
+// log2 for D >= 1; absolute error below 2^-22 near 1, 2 ulp above 2.
 MOEKD_HD float fast_log2(float x) {
 #if defined(__CUDA_ARCH__)
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
+  return __log2f(x);
 #else
   return log2f(x);
 #endif
@@ -299,17 +264,16 @@ MOEKD_HD Pass1Level pass1_identity() { return {-INFINITY, 0.0f, 0.0f, -INFINITY,
 
 // Factor taking a sum relative to max m to one relative to M >= m. m == M covers
 // (−inf, −inf), which would otherwise give exp2(NaN); m = −inf < M gives 0.
-MOEKD_HD float rescale(float m, float M, float k) { return m == M ? 1.0f : fast_exp2((m - M) * k); }
+MOEKD_HD float rescale(float m, float M, float k) { return m == M ? 1.0f : exp2f((m - M) * k); }
 
-// a ← a ⊕ b, with k2 = log2(e)/τ_ℓ. Symmetric to the bit (products rounded apart, then
-// one commutative add), so a butterfly leaves all lanes with the same values.
+// a ← a ⊕ b, with k2 = log2(e)/τ_ℓ. Symmetric to the bit, so a butterfly leaves all lanes equal.
 MOEKD_HD void pass1_merge(Pass1Level& a, const Pass1Level& b, float k2) {
   const float M = fmaxf(a.s_max, b.s_max);
-  a.s_sum = mul_rn(a.s_sum, rescale(a.s_max, M, kLog2e)) + mul_rn(b.s_sum, rescale(b.s_max, M, kLog2e));
-  a.q_sum = mul_rn(a.q_sum, rescale(a.s_max, M, k2)) + mul_rn(b.q_sum, rescale(b.s_max, M, k2));
+  a.s_sum = a.s_sum * rescale(a.s_max, M, kLog2e) + b.s_sum * rescale(b.s_max, M, kLog2e);
+  a.q_sum = a.q_sum * rescale(a.s_max, M, k2) + b.q_sum * rescale(b.s_max, M, k2);
   a.s_max = M;
   const float Mt = fmaxf(a.t_max, b.t_max);
-  a.t_sum = mul_rn(a.t_sum, rescale(a.t_max, Mt, k2)) + mul_rn(b.t_sum, rescale(b.t_max, Mt, k2));
+  a.t_sum = a.t_sum * rescale(a.t_max, Mt, k2) + b.t_sum * rescale(b.t_max, Mt, k2);
   a.t_max = Mt;
 }
 
@@ -324,7 +288,7 @@ MOEKD_HD void online_add(float& max, float (&sum)[NS], const float (&k)[NS], con
   if (m != max) {
     const float dm = max - m;  // −inf when the old max was −inf: the old sums (0) stay 0
     MOEKD_UNROLL
-    for (int n = 0; n < NS; ++n) sum[n] *= fast_exp2(dm * k[n]);
+    for (int n = 0; n < NS; ++n) sum[n] *= exp2f(dm * k[n]);
     max = m;
   }
   const float ref = m == -INFINITY ? 0.0f : m;
@@ -332,7 +296,7 @@ MOEKD_HD void online_add(float& max, float (&sum)[NS], const float (&k)[NS], con
   for (int i = 0; i < W; ++i) {
     const float d = x[i] - ref;
     MOEKD_UNROLL
-    for (int n = 0; n < NS; ++n) sum[n] += fast_exp2(d * k[n]);
+    for (int n = 0; n < NS; ++n) sum[n] += exp2f(d * k[n]);
   }
 }
 
@@ -341,7 +305,7 @@ template <int W>
 MOEKD_HD void fixed_add(float max, float& sum, float k, const float (&x)[W]) {
   const float ref = max == -INFINITY ? 0.0f : max;
   MOEKD_UNROLL
-  for (int i = 0; i < W; ++i) sum += fast_exp2((x[i] - ref) * k);
+  for (int i = 0; i < W; ++i) sum += exp2f((x[i] - ref) * k);
 }
 
 // ---- one row, as seen by one thread ----------------------------------------------
@@ -355,8 +319,7 @@ struct RowCtx {
   int C, L, y;                // classes, levels, target (0 <= y < C for rows that reach the passes)
   int head, nchunks, nscalar; // layout: [0, head) scalar, then nchunks chunks, then the tail
   int gi, G;                  // this thread's index in the row's group, the group's size
-  bool cached;                // keep chunks in `cache`; else read global memory again
-  Vec16* cache;               // this thread's CTA's cache (when cached)
+  Vec16* cache;               // this thread's CTA's cache, or nullptr: read global memory again
   int cache_tid, cache_width; // index and count of the threads sharing that cache
   int cache_slots;            // chunks per thread the cache holds (>= ceil(nchunks / G))
   LevelConsts* lc;            // the group's level constants (shared memory on the GPU)
@@ -366,13 +329,12 @@ struct RowCtx {
   MOEKD_HD int scalar_class(int e) const { return e < head ? e : e + kChunk * nchunks; }
   // Cache slot of this thread's j-th chunk of tensor `which` (0: student, 1 + ℓ: teacher
   // level ℓ), vector v of the chunk. Consecutive threads use consecutive 16-byte slots.
-  // (int offsets: a cache is at most one block's shared memory, < 2^14 vectors.)
   MOEKD_HD Vec16* slot(int which, int j, int v) const {
     constexpr int VS = Elem<TS>::kVecs, VT = Elem<TT>::kVecs;
-    const int plane = cache_slots * cache_width;
-    const int base = which == 0 ? 0 : plane * (VS + (which - 1) * VT);
+    const long long plane = static_cast<long long>(cache_slots) * cache_width;
+    const long long base = which == 0 ? 0 : plane * (VS + (which - 1) * VT);
     const int vecs = which == 0 ? VS : VT;
-    return cache + (base + (j * vecs + v) * cache_width + cache_tid);
+    return cache + base + (static_cast<long long>(j) * vecs + v) * cache_width + cache_tid;
   }
 };
 
@@ -406,14 +368,14 @@ MOEKD_HD void load_chunk(const RowCtx<TS, TT>& r, const T* row, int which, int j
                          float (&x)[kChunk]) {
   constexpr int V = Elem<T>::kVecs;
   Vec16 v[V];
-  if (r.cached && !first_read) {
+  if (r.cache != nullptr && !first_read) {
     MOEKD_UNROLL
     for (int i = 0; i < V; ++i) v[i] = *r.slot(which, j, i);
   } else {
     const Vec16* src = reinterpret_cast<const Vec16*>(row + c0);
     MOEKD_UNROLL
     for (int i = 0; i < V; ++i) v[i] = src[i];
-    if (r.cached) {
+    if (r.cache != nullptr) {
       MOEKD_UNROLL
       for (int i = 0; i < V; ++i) *r.slot(which, j, i) = v[i];
     }
@@ -431,9 +393,8 @@ MOEKD_HD Pass1Level pass1_level(const RowCtx<TS, TT>& r, int l, float& s_max_thr
   int j = 0;
   for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
     const int c0 = r.head + ch * kChunk;
-    float x[kChunk], xt[kChunk];
-    load_chunk(r, r.s, 0, j, c0, l == 0, x);  // both loads before any math: their latencies overlap
-    load_chunk(r, t, 1 + l, j, c0, true, xt);
+    float x[kChunk];
+    load_chunk(r, r.s, 0, j, c0, l == 0, x);
     if (l == 0) {
       float sums[2] = {st.s_sum, st.q_sum};
       const float k[2] = {kLog2e, k2};
@@ -443,9 +404,10 @@ MOEKD_HD Pass1Level pass1_level(const RowCtx<TS, TT>& r, int l, float& s_max_thr
     } else {
       fixed_add<kChunk>(s_max_thread, st.q_sum, k2, x);
     }
+    load_chunk(r, t, 1 + l, j, c0, true, x);
     float ts[1] = {st.t_sum};
     const float kt[1] = {k2};
-    online_add<kChunk>(st.t_max, ts, kt, xt);
+    online_add<kChunk>(st.t_max, ts, kt, x);
     st.t_sum = ts[0];
   }
   for (int e = r.gi; e < r.nscalar; e += r.G) {
@@ -518,8 +480,8 @@ MOEKD_HD void pass2_classes(LevelSums& s, const LevelConsts& c, const RowConsts&
   MOEKD_UNROLL
   for (int i = 0; i < W; ++i) {
     const float d = x[i] - rc.s_max;
-    const float sigma = fast_exp2(fmaf(d, kLog2e, -rc.s_lse2));
-    const float pi = fast_exp2(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
+    const float sigma = exp2f(fmaf(d, kLog2e, -rc.s_lse2));
+    const float pi = exp2f(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
     const float log_q = fmaf(d, c.inv_tau, -c.q_lse);
     const bool is_target = c0 + i == y;
     const float D = expert_normaliser(c.expm1_beta, sigma);
@@ -609,8 +571,8 @@ MOEKD_HD void pass3_level(float (&g)[W], const LevelConsts& c, const RowResult& 
                           int y, int c0, const float (&d)[W], const float (&sigma)[W], const float (&t)[W]) {
   MOEKD_UNROLL
   for (int i = 0; i < W; ++i) {
-    const float pi = fast_exp2(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
-    const float q = fast_exp2(fmaf(d[i], c.k2, -c.q_lse2));
+    const float pi = exp2f(fmaf(t[i] - c.t_max, c.k2, -c.t_lse2));
+    const float q = exp2f(fmaf(d[i], c.k2, -c.q_lse2));
     const float D = expert_normaliser(c.expm1_beta, sigma[i]);
     const float inv_D = fast_rcp(D);
     const float r = c.weight * pi * (c0 + i == y ? c.exp_beta : 1.0f) * inv_D * res.inv_G;
@@ -625,7 +587,7 @@ MOEKD_HD void pass3_start(float (&g)[W], float (&d)[W], float (&sigma)[W], const
   MOEKD_UNROLL
   for (int i = 0; i < W; ++i) {
     d[i] = x[i] - rc.s_max;
-    sigma[i] = fast_exp2(fmaf(d[i], kLog2e, -rc.s_lse2));
+    sigma[i] = exp2f(fmaf(d[i], kLog2e, -rc.s_lse2));
     g[i] = grad_base_term(p, res, sigma[i], c0 + i == y);
   }
 }
@@ -635,14 +597,11 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
   int j = 0;
   for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
     const int c0 = r.head + ch * kChunk;
-    float x[kChunk], d[kChunk], sigma[kChunk], g[kChunk], t[kChunk];
+    float x[kChunk], d[kChunk], sigma[kChunk], g[kChunk];
     load_chunk(r, r.s, 0, j, c0, false, x);
-    load_chunk(r, r.t, 1, j, c0, false, t);  // level 0 before any math: the loads overlap
     pass3_start<kChunk>(g, d, sigma, p, rc, res, r.y, c0, x);
-    // Level 0 outside the loop: with one level (the common case) the chunk's math is
-    // straight-line code, and d and σ need not stay live across a loop.
-    pass3_level<kChunk>(g, r.lc[0], res, p.expert_weight, r.y, c0, d, sigma, t);
-    for (int l = 1; l < r.L; ++l) {
+    for (int l = 0; l < r.L; ++l) {
+      float t[kChunk];
       load_chunk(r, r.level(l), 1 + l, j, c0, false, t);
       pass3_level<kChunk>(g, r.lc[l], res, p.expert_weight, r.y, c0, d, sigma, t);
     }
