@@ -154,9 +154,10 @@ def _check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
             f"student_logits must be float32, bfloat16 or float16 for backend 'cpu', got "
             f"{student.dtype} (backend='auto' or 'reference' handles float64)"
         )
-    if teacher.dtype not in _KERNEL_DTYPES:
+    if teacher.dtype not in _KERNEL_DTYPES + (torch.float64,):
         raise TypeError(
-            f"teacher_logits must be float32, bfloat16 or float16 for backend 'cpu', got {teacher.dtype}"
+            f"teacher_logits must be float32, bfloat16, float16 or float64 for backend 'cpu', "
+            f"got {teacher.dtype}"
         )
     if teacher.shape[0] > MAX_LEVELS:
         raise ValueError(

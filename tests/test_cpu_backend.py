@@ -57,6 +57,7 @@ def test_levels_with_their_own_hyper_parameters(num_levels, dtype):
 @pytest.mark.parametrize("student_dtype, teacher_dtype", [
     (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
     (torch.float16, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.float32, torch.float64), (torch.bfloat16, torch.float64),   # float64 teachers are read as is
 ])
 def test_teacher_dtype_may_differ(student_dtype, teacher_dtype):
     check_backend("cpu", make_case(6, 300, 2, dtype=student_dtype, teacher_dtype=teacher_dtype, seed=3))

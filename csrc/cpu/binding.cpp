@@ -15,13 +15,17 @@
 
 namespace {
 
-moekd::cpu::DType kernel_dtype(const at::Tensor& t, const char* name) {
+moekd::cpu::DType kernel_dtype(const at::Tensor& t, const char* name, bool allow_double) {
   switch (t.scalar_type()) {
     case at::kFloat: return moekd::cpu::DType::kFloat32;
     case at::kBFloat16: return moekd::cpu::DType::kBFloat16;
     case at::kHalf: return moekd::cpu::DType::kFloat16;
+    case at::kDouble:
+      if (allow_double) return moekd::cpu::DType::kFloat64;
+      [[fallthrough]];
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16 for the cpu backend, got ",
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16",
+                       allow_double ? " or float64" : "", " for the cpu backend, got ",
                        t.scalar_type());
   }
 }
@@ -65,8 +69,8 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
                         static_cast<int64_t>(expert_strengths.size()) == L &&
                         static_cast<int64_t>(level_weights.size()) == L,
                     "one temperature, expert strength and level weight per level expected");
-  const auto student_dtype = kernel_dtype(student, "student_logits");
-  const auto teacher_dtype = kernel_dtype(teacher, "teacher_logits");
+  const auto student_dtype = kernel_dtype(student, "student_logits", false);
+  const auto teacher_dtype = kernel_dtype(teacher, "teacher_logits", true);
   TORCH_CHECK_TYPE(!target.is_floating_point() && !target.is_complex() &&
                        target.scalar_type() != at::kBool,
                    "target must hold integer class indices, got ", target.scalar_type());

@@ -133,6 +133,7 @@ struct F16 {
 };
 
 MOEKD_INLINE float to_float(float x) { return x; }
+MOEKD_INLINE float to_float(double x) { return static_cast<float>(x); }
 MOEKD_INLINE float to_float(BF16 x) { return float_of(static_cast<uint32_t>(x.bits) << 16); }
 MOEKD_INLINE float to_float(F16 h) {
   const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
@@ -527,6 +528,7 @@ void dispatch_teacher(const RowsArgs& a, const Params& p, int num_threads) {
     case DType::kFloat32: return run<TS, float>(a, p, num_threads);
     case DType::kBFloat16: return run<TS, BF16>(a, p, num_threads);
     case DType::kFloat16: return run<TS, F16>(a, p, num_threads);
+    case DType::kFloat64: return run<TS, double>(a, p, num_threads);
   }
 }
 
@@ -537,6 +539,7 @@ void moe_kd_rows(const RowsArgs& a, const Params& p, int num_threads) {
     case DType::kFloat32: return dispatch_teacher<float>(a, p, num_threads);
     case DType::kBFloat16: return dispatch_teacher<BF16>(a, p, num_threads);
     case DType::kFloat16: return dispatch_teacher<F16>(a, p, num_threads);
+    case DType::kFloat64: return;  // not a student dtype: the binding refuses it
   }
 }
 

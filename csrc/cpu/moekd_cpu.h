@@ -12,7 +12,9 @@
 namespace moekd {
 namespace cpu {
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// kFloat64 is taken for the teacher only (precomputed teacher logits are often
+// float64); the student and its gradient are float32, bfloat16 or float16.
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // One call's tensors. Strides are in elements; the class dimension is contiguous.
 struct RowsArgs {
