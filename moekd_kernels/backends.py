@@ -30,6 +30,10 @@ class Backend:
     module: str                      # module holding ``forward`` and ``unavailable_reason``
     devices: Tuple[str, ...]         # device types the backend runs on
     description: str
+    max_levels: Optional[int] = None  # teacher levels the kernel holds (None: any)
+
+    def supports_levels(self, num_levels: int) -> bool:
+        return self.max_levels is None or num_levels <= self.max_levels
 
     def load(self):
         return importlib.import_module(self.module, __package__)
@@ -48,17 +52,20 @@ class Backend:
         return self.load().forward(*args)
 
 
+# moekd::kMaxLevels in csrc/common/moekd_math.h: per-level constants live in a fixed-size struct.
+_KERNEL_MAX_LEVELS = 8
+
 BACKENDS: Dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("reference", ".reference", ("cpu", "cuda", "meta"),
                 "pure PyTorch closed form; any device"),
         Backend("cpu", ".cpu_backend", ("cpu",),
-                "fused C++/OpenMP kernel, JIT-built with ninja"),
+                "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS),
         Backend("triton", ".triton_backend", ("cuda", "cpu"),
                 "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1"),
         Backend("cuda", ".cuda_backend", ("cuda",),
-                "fused CUDA C++ kernel, JIT-built with nvcc"),
+                "fused CUDA C++ kernel, JIT-built with nvcc", max_levels=_KERNEL_MAX_LEVELS),
     )
 }
 
@@ -81,16 +88,19 @@ def check_backend_name(name) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def auto_backend(device_type: str) -> str:
+def auto_backend(device_type: str, num_levels: int = 1) -> str:
     """The backend ``"auto"`` picks for ``device_type``: fastest available first.
 
-    Decided once per device type and process, and logged; falling back to the
-    reference past an unavailable kernel warns once, with the reason.
+    Decided once per (device type, level count) and process, and logged; falling
+    back to the reference past an unavailable kernel warns once, with the reason.
     """
     skipped = []
     chosen = _FALLBACK
     for candidate in AUTO_ORDER.get(device_type, (_FALLBACK,)):
-        reason = BACKENDS[candidate].unavailable_reason(device_type)
+        backend = BACKENDS[candidate]
+        if not backend.supports_levels(num_levels):
+            continue
+        reason = backend.unavailable_reason(device_type)
         if reason is None:
             chosen = candidate
             break
@@ -102,7 +112,8 @@ def auto_backend(device_type: str) -> str:
             RuntimeWarning,
             stacklevel=2,
         )
-    logger.info("moekd_kernels: backend='auto' uses %r for %s tensors", chosen, device_type)
+    logger.info("moekd_kernels: backend='auto' uses %r for %s tensors with %d level(s)",
+                chosen, device_type, num_levels)
     return chosen
 
 
@@ -112,20 +123,27 @@ def describe_auto() -> str:
     return ", ".join(f"{d}: {auto_backend(d)!r}" for d in device_types)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                    num_levels: int = 1) -> str:
     """Turn "auto" into a concrete backend for ``device``; check explicit choices."""
     check_backend_name(name)
-    return _resolve(name, torch.device(device).type, dtype)
+    return _resolve(name, torch.device(device).type, dtype, num_levels)
 
 
 # torch.compile runs this once while tracing and keeps the name as a constant:
 # tracing into it would reach importlib and lru_cache, both graph breaks.
 @torch.compiler.assume_constant_result
-def _resolve(name: str, device_type: str, dtype: torch.dtype) -> str:
+def _resolve(name: str, device_type: str, dtype: torch.dtype, num_levels: int) -> str:
     if name == "auto":
         # The kernels accumulate in float32; float64 callers want float64 all the way.
-        return "reference" if dtype == torch.float64 else auto_backend(device_type)
-    reason = BACKENDS[name].unavailable_reason(device_type)
+        return "reference" if dtype == torch.float64 else auto_backend(device_type, num_levels)
+    backend = BACKENDS[name]
+    if not backend.supports_levels(num_levels):
+        raise ValueError(
+            f"teacher_logits has L={num_levels} levels, but backend={name!r} supports at most "
+            f"{backend.max_levels}; use backend='auto', 'triton' or 'reference'"
+        )
+    reason = backend.unavailable_reason(device_type)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available: {reason}")
     return name

@@ -83,7 +83,7 @@ def fused_moe_kd_loss(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
-    chosen = resolve_backend(backend, student_2d.device, student_2d.dtype)
+    chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels)
 
     loss_rows, log_likelihood, agreement, _ = moe_kd_rows(
         student_2d,

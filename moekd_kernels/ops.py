@@ -82,8 +82,30 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     # counter then makes a second backward through the same graph raise
     # PyTorch's usual "modified by an inplace operation" error instead of
     # returning a twice-scaled gradient.
-    grad_student = grad.mul_(grad_loss.unsqueeze(-1))
-    return (grad_student,) + (None,) * 9
+    return (_scale_rows_(grad, grad_loss),) + (None,) * 9
+
+
+# Rows per block when a low-precision gradient is scaled on the CPU (about 1M elements).
+_CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def _scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad[i, :] *= scale[i], in place, with no N×C temporaries."""
+    if scale.numel() == 0:
+        return grad
+    if scale.stride(0) == 0:
+        # "mean"/"sum": one value broadcast to every row. A 0-dim factor keeps the
+        # product in one pass, in float32 arithmetic, for any gradient dtype.
+        return grad.mul_(scale[0])
+    scale = scale.unsqueeze(-1)
+    if grad.device.type != "cpu" or grad.dtype == scale.dtype:
+        return grad.mul_(scale)
+    # A bf16/fp16 tensor times a float32 column makes CPU PyTorch upcast the whole
+    # gradient through float32 copies; row blocks bound those to one block.
+    rows = max(1, _CPU_BLOCK_ELEMENTS // max(grad.shape[1], 1))
+    for start in range(0, grad.shape[0], rows):
+        grad[start:start + rows].mul_(scale[start:start + rows])
+    return grad
 
 
 moe_kd_rows.register_autograd(_backward, setup_context=_setup_context)

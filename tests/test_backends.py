@@ -44,3 +44,12 @@ def test_device_type_mismatch_is_explained():
 def test_unknown_names_raise_value_error(bad):
     with pytest.raises(ValueError, match="backend must be one of"):
         check_backend_name(bad)
+
+
+def test_auto_routes_more_levels_than_the_kernels_hold_to_a_backend_that_takes_them():
+    limited = [n for n, b in BACKENDS.items() if b.max_levels is not None]
+    assert set(limited) == {"cpu", "cuda"}
+    many = BACKENDS["cpu"].max_levels + 1
+    assert BACKENDS[auto_backend("cpu", many)].supports_levels(many)
+    with pytest.raises(ValueError, match=r"teacher_logits has L=9 levels.*'cpu' supports at most 8"):
+        resolve_backend("cpu", torch.device("cpu"), torch.float32, many)
