@@ -17,7 +17,7 @@ import moekd_kernels
 
 settings.register_profile(
     "ci",
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     derandomize=True,
     print_blob=True,
