@@ -72,6 +72,8 @@ def _moe_kd_rows(s: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
         G = u.sum(dim=(0, 2))                         # (N,)
         r = u / G[None, :, None]                      # Σ_ℓc r = 1
         agreement = r.gather(2, y.unsqueeze(0).expand(len(u_levels), -1, -1)).sum(dim=(0, 2))
+        # A sum of L rounded ratios can land an ulp above 1; a is a probability.
+        agreement = agreement.clamp(max=1.0)  # clamp keeps NaN
         log_likelihood = log_sigma0.gather(1, y).squeeze(1) + G.log()
 
     sigma = log_sigma.exp()

@@ -73,10 +73,11 @@ def _rescale(m_from, m_to, inv_tau):
 
 
 @triton.jit
-def _block_u(s, t, is_target, lse_s, base_s, log_zq, base_t, log_zt,
+def _block_u(s, t, is_target, log_zs, base_s, log_zq, base_t, log_zt,
              inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE: tl.constexpr):
     """The per-class terms of one block, shared by passes 2 and 3: σ, D, 1/D, u, log q."""
-    sigma = tl.exp(s - lse_s)                                                 # σ_c
+    # Max-subtracted first: s − (b + log z) would round b + log z at the scale of |s|.
+    sigma = tl.exp((s - base_s) - log_zs)                                     # σ_c
     pi = tl.exp((t - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])  # π_ℓc
     D = 1.0 + expm1_beta[:, None] * sigma[None, :]                            # D_ℓc, no exp(β)·σ − σ
     inv_D = 1.0 / D
@@ -199,7 +200,7 @@ def moe_kd_row_kernel(
                 z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
                 m_t = mt_new
         base_s = _finite_base(m_s)
-        lse_s = base_s + tl.log(z_s)                       # LSE(s); −inf only for an all-masked row
+        log_zs = tl.log(z_s)                               # LSE(s) = base_s + log_zs
         if HAS_GATE:
             log_zq = tl.log(z_q)                           # log q_ℓc = (s_c − b_s)/τ_ℓ − log_zq_ℓ
         else:
@@ -211,7 +212,7 @@ def moe_kd_row_kernel(
         if SINGLE_BLOCK:
             # The row is in registers: these terms serve pass 3 as well.
             sigma, D, inv_D, u, log_q = _block_u(
-                s, t, cols0 == y, lse_s, base_s, log_zq, base_t, log_zt,
+                s, t, cols0 == y, log_zs, base_s, log_zq, base_t, log_zt,
                 inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
             G, u_over_D, u_log_D, u_level, u_log_q = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
         else:
@@ -227,7 +228,7 @@ def moe_kd_row_kernel(
                 t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
                             other=float("-inf")).to(tl.float32)
                 sigma, D, inv_D, u, log_q = _block_u(
-                    s, t, cols == y, lse_s, base_s, log_zq, base_t, log_zt,
+                    s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
                     inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
                 bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
                 G += bG
@@ -240,7 +241,7 @@ def moe_kd_row_kernel(
         # An out-of-range target is never loaded: its row becomes NaN through 1/G.
         in_range = (y >= 0) & (y < num_classes)
         y_safe = tl.where(in_range, y, 0)
-        log_sigma_y = tl.load(s_row + y_safe).to(tl.float32) - lse_s           # log σ_y
+        log_sigma_y = (tl.load(s_row + y_safe).to(tl.float32) - base_s) - log_zs           # log σ_y
         t_y = tl.load(t_row + y_safe, mask=level_ok[:, None], other=float("-inf")).to(tl.float32)
         t_y = tl.sum(t_y, axis=1)                                                # (LP,): t_ℓy
         pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
@@ -281,7 +282,7 @@ def moe_kd_row_kernel(
                 t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
                             other=float("-inf")).to(tl.float32)
                 sigma, D, inv_D, u, log_q = _block_u(
-                    s, t, cols == y, lse_s, base_s, log_zq, base_t, log_zt,
+                    s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
                     inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
                 grad = _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
                                    gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
