@@ -1,0 +1,153 @@
+"""What the compiled backends (cpu_backend, cuda_backend) share: building their
+extensions from csrc/ on first use, with a cache across processes, and the limits
+their kernels put on the inputs.
+
+Each backend describes its extension with a ``JitExtension`` and keeps its own
+flags and once-per-process result.
+
+Builds go to ~/.cache/moekd_kernels (or ``$MOEKD_KERNELS_CACHE``), into a folder
+the backend names by ``environment_key`` of whatever shapes the binary besides
+the sources (flags, torch/Python versions, the CPU or GPU architecture), so one
+cache serves several machines and versions side by side. Next to the library, a
+stamp file holds the hash of the sources it was built from: while it matches, a
+new process imports the library itself and skips torch's build step (in a fresh
+process that always rewrites build.ninja and runs ninja under a file lock); a
+changed source rebuilds, and ninja recompiles only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+_STAMP = "sources.sha256"
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+               torch.float64: "float64"}
+MAX_LEVELS = 8  # moekd::kMaxLevels in csrc/common/moekd_math.h
+
+
+def check_kernel_inputs(backend: str, student: torch.Tensor, teacher: torch.Tensor,
+                        teacher_dtypes: Sequence[torch.dtype] = KERNEL_DTYPES) -> None:
+    """What a kernel takes beyond what options.flatten_inputs checks for every backend.
+
+    ``backend`` is also the device type: each compiled backend is named after its device.
+    """
+    if student.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"student_logits must be float32, bfloat16 or float16 for backend '{backend}', got "
+            f"{student.dtype} (backend='auto' or 'reference' handles float64)"
+        )
+    if teacher.dtype not in teacher_dtypes:
+        names = [DTYPE_NAMES[d] for d in teacher_dtypes]
+        raise TypeError(
+            f"teacher_logits must be {', '.join(names[:-1])} or {names[-1]} for backend '{backend}', "
+            f"got {teacher.dtype}"
+        )
+    if teacher.shape[0] > MAX_LEVELS:
+        raise ValueError(
+            f"teacher_logits has L={teacher.shape[0]} levels; backend '{backend}' supports at most "
+            f"{MAX_LEVELS} (use backend='reference' for more)"
+        )
+    if student.device.type != backend or teacher.device.type != backend:
+        raise ValueError(f"backend '{backend}' takes {backend.upper()} tensors, got {student.device}")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MOEKD_KERNELS_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "moekd_kernels"
+
+
+def environment_key(*parts) -> str:
+    """A short hash of everything besides the sources that changes the built library."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def import_built(name: str, build_dir: Path):
+    """The already-built module, or None when it does not load."""
+    for path in sorted(build_dir.glob(f"{name}.*so")) + sorted(build_dir.glob(f"{name}.pyd")):
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except Exception:  # noqa: BLE001 - stale or half-written: rebuild
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class JitExtension:
+    """One extension: its files under csrc/ and what messages call it."""
+
+    label: str                 # e.g. "the C++ CPU kernel"
+    sources: Tuple[str, ...]   # compiled; paths relative to csrc/
+    headers: Tuple[str, ...]   # only included, but an edit to them must rebuild too
+    marker: str                # the file that tells csrc/ apart from other folders
+
+    def csrc_dir(self) -> Path:
+        # csrc/ sits inside the package in a wheel and next to it in a checkout.
+        here = Path(__file__).resolve().parent
+        for candidate in (here / "csrc", here.parent / "csrc"):
+            if (candidate / self.marker).is_file():
+                return candidate
+        raise FileNotFoundError(f"the sources of {self.label} (csrc/{self.marker}) are not next to {here}")
+
+    def sources_key(self, csrc: Path) -> str:
+        h = hashlib.sha256()
+        for rel in self.sources + self.headers:
+            h.update(rel.encode())
+            h.update((csrc / rel).read_bytes())
+        return h.hexdigest()
+
+    def build(self, csrc: Path, build_dir: Path, name: str, target: str = "", **load_args):
+        """Import ``name`` from ``build_dir`` if it was built from these sources, else build it.
+
+        ``load_args`` go to torch.utils.cpp_extension.load; ``target`` ends the
+        line printed while building (e.g. " for sm_90").
+        """
+        from torch.utils.cpp_extension import load
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        stamp = build_dir / _STAMP
+        key = self.sources_key(csrc)
+        if stamp.is_file() and stamp.read_text().strip() == key:
+            module = import_built(name, build_dir)
+            if module is not None:
+                return module
+        print(f"moekd_kernels: building {self.label}{target} (once, ~30 s)...", file=sys.stderr, flush=True)
+        # load() appends to the flag lists it is given: hand it copies, not our constants.
+        load_args = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in load_args.items()}
+        module = load(name=name, sources=[str(csrc / s) for s in self.sources],
+                      extra_include_paths=[str(csrc)], build_directory=str(build_dir), verbose=False,
+                      **load_args)
+        # Write then rename: a process that reads the stamp never sees half of it.
+        partial = stamp.with_name(f"{stamp.name}.{os.getpid()}")
+        partial.write_text(key)
+        os.replace(partial, stamp)
+        return module
+
+    def failure_message(self, exc: BaseException, limit: int = 3000) -> str:
+        # The compiler's error is at the end of its output: keep the tail.
+        text = str(exc).strip() or type(exc).__name__
+        if len(text) > limit:
+            text = "..." + text[-limit:]
+        return f"{self.label} could not be built ({type(exc).__name__}): {text}"
+
+    def try_build(self, build: Callable[[], object]) -> Tuple[Optional[object], Optional[str]]:
+        """(module, None), or (None, why not): a kernel that does not build is unavailable, not an error."""
+        try:
+            return build(), None
+        except Exception as exc:  # noqa: BLE001 - any failure means "unavailable, because ..."
+            return None, self.failure_message(exc)
