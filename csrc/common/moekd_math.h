@@ -9,17 +9,20 @@
 //   u_ℓc = w_ℓ π_ℓc exp(β_ℓ [c=y]) / D_ℓc,  G = Σ u,  r = u / G
 // A kernel makes three passes over a row:
 //   1. online max / sum-exp of s, s/τ_ℓ and t_ℓ/τ_ℓ            (LseState)
-//   2. Σ over classes of the u-weighted terms                  (RowSums)
-//   3. the gradient, element by element                        (grad_element)
-// and turns the pass-2 sums into loss and stats with finalize_row().
+//   2. Σ over classes of the u-weighted terms, target apart     (RowSums)
+//   3. the gradient, element by element        (grad_base_term + grad_level_term)
+// and turns the pass-2 sums into loss and stats with finalize_row(), the one
+// place the loss, G and the agreement are formed, once per row.
 #pragma once
 
 #include <math.h>
 
 #if defined(__CUDACC__)
 #define MOEKD_HD __host__ __device__ __forceinline__
+#define MOEKD_UNROLL _Pragma("unroll")
 #else
 #define MOEKD_HD inline
+#define MOEKD_UNROLL
 #endif
 
 namespace moekd {
@@ -88,24 +91,28 @@ MOEKD_HD float lse_value(LseState state) { return state.max + logf(state.sum); }
 
 // Sums of u-weighted terms over a row (or a slice of it; merge with row_sums_merge).
 // They are unnormalised: finalize_row divides by G.
+// The target class y is kept apart from the rest wherever finalize_row needs it:
+// G = Σ_ℓ u_ℓy + u_rest is then formed from two non-negative parts (agreement
+// Σ_ℓ u_ℓy / G cannot round above 1), and the loss is a sum of one-signed terms
+// (see finalize_row) instead of one that cancels when the experts saturate.
 struct RowSums {
-  float u_total;                  // G = Σ_ℓc u_ℓc
+  float u_rest;                   // Σ_ℓ Σ_{c≠y} u_ℓc          (G − Σ_ℓ u_ℓy)
   float u_over_D;                 // Σ_ℓc u_ℓc / D_ℓc          → A · G
-  float u_log_D;                  // Σ_ℓc u_ℓc log D_ℓc
+  float u_log_D_rest;             // Σ_ℓ Σ_{c≠y} u_ℓc log D_ℓc
   float u_level[kMaxLevels];      // Σ_c u_ℓc                  → R_ℓ · G
   float u_log_q[kMaxLevels];      // Σ_c u_ℓc log q_ℓc (0 where u = 0)
   float u_target[kMaxLevels];     // u_ℓy
 };
 
 MOEKD_HD void row_sums_clear(RowSums& s, int num_levels) {
-  s.u_total = s.u_over_D = s.u_log_D = 0.0f;
+  s.u_rest = s.u_over_D = s.u_log_D_rest = 0.0f;
   for (int l = 0; l < num_levels; ++l) s.u_level[l] = s.u_log_q[l] = s.u_target[l] = 0.0f;
 }
 
 MOEKD_HD void row_sums_merge(RowSums& a, const RowSums& b, int num_levels) {
-  a.u_total += b.u_total;
+  a.u_rest += b.u_rest;
   a.u_over_D += b.u_over_D;
-  a.u_log_D += b.u_log_D;
+  a.u_log_D_rest += b.u_log_D_rest;
   for (int l = 0; l < num_levels; ++l) {
     a.u_level[l] += b.u_level[l];
     a.u_log_q[l] += b.u_log_q[l];
@@ -127,13 +134,16 @@ MOEKD_HD void row_sums_add(RowSums& s, const Params& p, int level, float sigma, 
                            float log_q, bool is_target) {
   const float D = expert_normaliser(p.expm1_beta[level], sigma);
   const float u = responsibility_weight(p, level, pi, D, is_target);
-  s.u_total += u;
   s.u_over_D += u / D;
-  s.u_log_D += u * log1pf(p.expm1_beta[level] * sigma);
   s.u_level[level] += u;
   // 0 · log 0: a class masked in both teacher and student adds nothing.
   s.u_log_q[level] += u == 0.0f ? 0.0f : u * log_q;
-  if (is_target) s.u_target[level] += u;
+  if (is_target) {
+    s.u_target[level] += u;  // its log D is part of finalize_row's closed form
+  } else {
+    s.u_rest += u;
+    s.u_log_D_rest += u * log1pf(p.expm1_beta[level] * sigma);
+  }
 }
 
 // ---- finalize: loss and stats of one row -----------------------------------------
@@ -147,30 +157,74 @@ struct RowResult {
   float R[kMaxLevels];    // R_ℓ = Σ_c r_ℓc
 };
 
-MOEKD_HD RowResult finalize_row(const RowSums& s, const Params& p, float log_sigma_y) {
+// G, the stats and what pass 3 needs: all of finalize_row but the loss. G is
+// formed once, from the target's u and the rest, so the agreement
+// Σ_ℓ u_ℓy / (Σ_ℓ u_ℓy + u_rest) cannot round above 1 (IEEE division is monotone)
+// and is NaN when an input is. Float, like the sums: one rounding per value.
+// Loops run to the constant kMaxLevels and stop at num_levels: a CUDA caller's
+// loops unroll fully, so s, p and out stay in registers, not local memory.
+MOEKD_HD RowResult finalize_row_stats(const RowSums& s, const Params& p, float log_sigma_y) {
   RowResult out;
-  const float inv_G = 1.0f / s.u_total;
-  float boost_ll = 0.0f;   // Σ_ℓ β_ℓ r_ℓy
-  float gate_ce = 0.0f;    // Σ_ℓ τ² Σ_c r log q
-  float agreement = 0.0f;
-  for (int l = 0; l < p.num_levels; ++l) {
-    const float r_target = s.u_target[l] * inv_G;
-    agreement += r_target;
-    boost_ll += p.beta[l] * r_target;
-    gate_ce += p.tau[l] * p.tau[l] * s.u_log_q[l] * inv_G;
-    out.R[l] = s.u_level[l] * inv_G;
-  }
-  // Σ_ℓc r log p_ℓc(y) = log σ_y Σ r + Σ_ℓ β r_ℓy − Σ r log D, and Σ r = 1.
-  const float expert_ll = log_sigma_y + boost_ll - s.u_log_D * inv_G;
-  // A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
-  float loss = 0.0f;
-  if (p.expert_weight != 0.0f) loss -= p.expert_weight * expert_ll;
-  if (p.gate_weight != 0.0f) loss -= p.gate_weight * gate_ce;
-  out.loss = loss;
-  out.log_likelihood = log_sigma_y + logf(s.u_total);
-  out.agreement = agreement;
+  float u_target = 0.0f;  // Σ_ℓ u_ℓy
+  MOEKD_UNROLL
+  for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l) u_target += s.u_target[l];
+  const float G = u_target + s.u_rest;
+  const float inv_G = 1.0f / G;
+  out.loss = 0.0f;  // finalize_row's
+  out.log_likelihood = log_sigma_y + logf(G);
+  out.agreement = u_target / G;
   out.inv_G = inv_G;
   out.A = s.u_over_D * inv_G;
+  MOEKD_UNROLL
+  for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l) out.R[l] = s.u_level[l] * inv_G;
+  return out;
+}
+
+// The loss, regrouped. Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D
+// adds terms of size β and |log σ_y| whose sum vanishes once the experts saturate
+// (r_y → 1), and their rounding would swamp a small loss. With 1 − a = u_rest / G
+// and log p_ℓy(y) = −log(1 + e^−β_ℓ (1 − σ_y)/σ_y),
+//   −G Σ_ℓc r log p_ℓc(y) = −u_rest log σ_y + Σ_{c≠y} u log D
+//                           + Σ_ℓ u_ℓy log1p(e^−β_ℓ (1 − σ_y)/σ_y),
+// and −G Σ_ℓ τ² Σ_c r log q = −Σ_ℓ τ² Σ_c u log q: every term is non-negative, so
+// the loss keeps its relative precision whatever its size. (1 − σ_y)/σ_y is
+// expm1(−log σ_y), never 1/σ_y − 1 (σ_y may be e^−20000 for logits of 1e4).
+// Once per row, in double: a few transcendentals per level, nothing per class.
+MOEKD_HD float row_loss(const RowSums& s, const Params& p, double log_sigma_y) {
+  // A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
+  double loss = 0.0;  // the loss times G
+  if (p.gate_weight != 0.0f) {
+    double gate = 0.0;  // −Σ_ℓ τ² Σ_c u log q
+    MOEKD_UNROLL
+    for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l)
+      gate -= static_cast<double>(p.tau[l]) * p.tau[l] * s.u_log_q[l];
+    loss = p.gate_weight * gate;
+  }
+  double u_target = 0.0;  // Σ_ℓ u_ℓy
+  MOEKD_UNROLL
+  for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l) u_target += s.u_target[l];
+  if (p.expert_weight != 0.0f) {
+    double expert = s.u_log_D_rest;  // −G Σ_ℓc r log p_ℓc(y)
+    if (s.u_rest != 0.0f) expert -= s.u_rest * log_sigma_y;  // 0 · log 0 = 0
+    // m = −log σ_y >= 0 (+inf for a masked target); a sum that rounded below 1 can
+    // leave log σ_y a hair above 0, read as σ_y = 1. NaN fails the test and stays NaN.
+    const double m = log_sigma_y > 0.0 ? 0.0 : -log_sigma_y;
+    const double odds = expm1(m);  // (1 − σ_y)/σ_y
+    MOEKD_UNROLL
+    for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l) {
+      if (s.u_target[l] == 0.0f) continue;
+      // Past m ~ 709 odds overflows, and log1p(e^−β odds) = m − β to double precision.
+      expert += s.u_target[l] * (odds < INFINITY ? log1p(odds / p.exp_beta[l]) : m - p.beta[l]);
+    }
+    loss += p.expert_weight * expert;
+  }
+  return static_cast<float>(loss / (u_target + s.u_rest));
+}
+
+// Loss, stats and pass-3 constants of one row from its pass-2 sums.
+MOEKD_HD RowResult finalize_row(const RowSums& s, const Params& p, double log_sigma_y) {
+  RowResult out = finalize_row_stats(s, p, static_cast<float>(log_sigma_y));
+  out.loss = row_loss(s, p, log_sigma_y);
   return out;
 }
 

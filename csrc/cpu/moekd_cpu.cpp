@@ -12,9 +12,10 @@
 //      and added on its own, so its terms never cancel against the rest.
 //   3. the gradient from es, eq_ℓ and those factors: two multiply-adds per
 //      class and level, then the finished row is streamed to memory.
-// The loss and the target's gradient are finished in double from sums of
-// one-signed terms (stable_loss, the end of process_row): they stay accurate
-// when the experts saturate and the textbook terms cancel.
+// The loss comes from finalize_row (moekd_math.h), which forms it in double from
+// sums of one-signed terms; the target's gradient is finished here the same way
+// (the end of process_row). Both stay accurate when the experts saturate and
+// the textbook terms cancel.
 // exp and log are polynomial versions that GCC vectorises under `omp simd`;
 // both are within ~3 ulp of libm and keep the IEEE special cases (exp(−inf) = 0,
 // NaN in → NaN out), which is why the build avoids -ffast-math.
@@ -275,39 +276,6 @@ MOEKD_INLINE ClassTerms class_terms(float exp_t, float e, float x_scale, float l
   return t;
 }
 
-// The row's loss, in double, from sums in which every term has one sign.
-// finalize_row's expert_ll = log σ_y + Σ β r_y − Σ r log D adds terms of size
-// β and |log σ_y| whose sum vanishes once the experts saturate (r_y → 1), so
-// float rounding of those terms would swamp a small loss. Regrouped,
-//   Σ_ℓc r log p_ℓc(y) = (1 − a) log σ_y − Σ_ℓ r_ℓy log1p(e^−β_ℓ (1/σ_y − 1))
-//                        − Σ_ℓ Σ_{c≠y} r_ℓc log D_ℓc,      1 − a = Σ_{c≠y} r,
-// a sum of non-positive terms, as is the gate sum Σ_ℓ τ² Σ_c r log q.
-// log(1 + e^−β (1/σ_y − 1)) = softplus(log((1 − σ_y)/σ_y) − β), never forming 1/σ_y
-// (σ_y may be e^−20000 for logits of 1e4).
-double log1p_boosted_odds(double log_sigma_y, double beta) {
-  const double m = -log_sigma_y;  // >= 0
-  const double log_odds = m > 30.0 ? m + std::log1p(-std::exp(-m)) : std::log(std::expm1(m));
-  const double x = log_odds - beta;
-  return x > 30.0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
-}
-
-double stable_loss(const Params& p, double log_sigma_y, double G, double u_rest,
-                   double u_log_D_rest, const double* u_y, const double* u_log_q) {
-  double expert_ll = -u_log_D_rest / G;
-  if (u_rest != 0.0) expert_ll += u_rest / G * log_sigma_y;  // 0 · log 0 = 0
-  double gate_ce = 0.0;
-  for (int l = 0; l < p.num_levels; ++l) {
-    if (u_y[l] != 0.0)
-      expert_ll -= u_y[l] / G * log1p_boosted_odds(log_sigma_y, p.beta[l]);
-    gate_ce += static_cast<double>(p.tau[l]) * p.tau[l] * u_log_q[l] / G;
-  }
-  // A zero weight drops its term: a masked target must not give 0 · inf.
-  double loss = 0.0;
-  if (p.expert_weight != 0.0f) loss -= p.expert_weight * expert_ll;
-  if (p.gate_weight != 0.0f) loss -= p.gate_weight * gate_ce;
-  return loss;
-}
-
 template <typename TS, typename TT>
 void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
@@ -374,10 +342,9 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   const float lam_e = p.expert_weight;
   RowSums sums;
   row_sums_clear(sums, L);
-  double u_total = 0.0, u_over_D = 0.0, u_log_D = 0.0;
   double u_rest = 0.0;                    // Σ_ℓ Σ_{c≠y} u_ℓc
+  double u_over_D = 0.0;                  // Σ_ℓc u_ℓc / D_ℓc
   double u_log_D_rest = 0.0;              // Σ_ℓ Σ_{c≠y} u_ℓc log D_ℓc
-  double u_log_q[kMaxLevels] = {};        // Σ_c u_ℓc log q_ℓc
   double level_scale[kMaxLevels];         // u_ℓc = level_scale · class_terms(...).u
   double u_y[kMaxLevels] = {}, u_y_over_D[kMaxLevels] = {};
   for (int l = 0; l < L; ++l) {
@@ -414,7 +381,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     const double scale = p.level_weight[l] / Zt[l];  // w_ℓ π_ℓc = scale · et_ℓc
     level_scale[l] = scale;
     u_rest += scale * sum_u;
-    u_log_D_rest += scale * sum_u_log_D;
+    u_log_D_rest += scale * sum_u_log_D;  // the target's log D is in finalize_row's closed form
 
     // The target, boosted by exp(β).
     const ClassTerms ty = class_terms(exp_t_y, es[y], x_scale, lam_e_x_scale, gate_tau);
@@ -422,31 +389,24 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     const double u_target = boost * ty.u;
     sum_u += u_target;
     sum_u_over_D += boost * ty.u_over_D;
-    sum_u_log_D += u_target * std::log1p(static_cast<double>(p.expm1_beta[l]) * std::exp(log_sigma_y));
     if (ty.u != 0.0f)
       sum_u_log_q += u_target * ((static_cast<double>(s_y) - s_max) * inv_tau - std::log(Zq[l]));
     et[y] = 0.0f;  // pass 3 leaves g_y to the exact formula below
     u_y[l] = scale * u_target;
     u_y_over_D[l] = scale * boost * ty.u_over_D;
 
-    u_total += scale * sum_u;
     u_over_D += scale * sum_u_over_D;
-    u_log_D += scale * sum_u_log_D;
     sums.u_level[l] = static_cast<float>(scale * sum_u);
-    u_log_q[l] = scale * sum_u_log_q;
-    sums.u_log_q[l] = static_cast<float>(u_log_q[l]);
+    sums.u_log_q[l] = static_cast<float>(scale * sum_u_log_q);
     sums.u_target[l] = static_cast<float>(u_y[l]);
   }
-  sums.u_total = static_cast<float>(u_total);
+  sums.u_rest = static_cast<float>(u_rest);
   sums.u_over_D = static_cast<float>(u_over_D);
-  sums.u_log_D = static_cast<float>(u_log_D);
-  const RowResult row = finalize_row(sums, p, static_cast<float>(log_sigma_y));
-  a.loss[n] = static_cast<float>(stable_loss(p, log_sigma_y, u_total, u_rest, u_log_D_rest, u_y, u_log_q));
+  sums.u_log_D_rest = static_cast<float>(u_log_D_rest);
+  const RowResult row = finalize_row(sums, p, log_sigma_y);
+  a.loss[n] = row.loss;
   a.log_likelihood[n] = row.log_likelihood;
-  // a = Σ_ℓ u_ℓy / (Σ_ℓ u_ℓy + rest) in double: never above 1 after rounding.
-  double u_y_total = 0.0;
-  for (int l = 0; l < L; ++l) u_y_total += u_y[l];
-  a.agreement[n] = static_cast<float>(u_y_total / (u_y_total + u_rest));
+  a.agreement[n] = row.agreement;
 
   // ---- pass 3: the gradient ----
   //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
@@ -472,7 +432,8 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   // cancels to nearly 0 once the experts saturate (r_y → 1). With Σ_ℓ r_ℓy = 1 − u_rest/G
   // it is λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy): no cancellation left.
   {
-    const double G = u_total;
+    double G = u_rest;
+    for (int l = 0; l < L; ++l) G += u_y[l];
     double expert = std::exp(log_sigma_y) * row.A - u_rest / G;
     double gate = 0.0;
     for (int l = 0; l < L; ++l) {

@@ -41,9 +41,6 @@
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#define MOEKD_UNROLL _Pragma("unroll")
-#else
-#define MOEKD_UNROLL
 #endif
 
 namespace moekd {
@@ -233,8 +230,8 @@ struct RowConsts {
   float s_max;        // max_c s_c; σ_c = exp2((s_c − s_max)·log2e − s_lse2)
   float s_lse, s_lse2;
   float log_sigma_y;  // log σ_y = (s_y − s_max) − s_lse
-  // pass-2 sums over all levels; G = u_target + u_rest
-  float u_target, u_rest, u_over_D, u_log_D;
+  // pass-2 sums over all levels (the per-level ones are in LevelConsts)
+  float u_rest, u_over_D, u_log_D;
 };
 
 MOEKD_HD void leader_init_levels(LevelConsts* lc, const KernelConsts& kc) {
@@ -440,7 +437,7 @@ MOEKD_HD RowConsts row_consts(const Pass1Level& level0, float s_y) {
   rc.s_lse = logf(level0.s_sum);
   rc.s_lse2 = log2f(level0.s_sum);
   rc.log_sigma_y = (s_y - rc.s_max) - rc.s_lse;
-  rc.u_target = rc.u_rest = rc.u_over_D = rc.u_log_D = 0.0f;
+  rc.u_rest = rc.u_over_D = rc.u_log_D = 0.0f;
   return rc;
 }
 
@@ -456,9 +453,8 @@ MOEKD_HD void publish_pass1(LevelConsts* lc, int l, const Pass1Level& merged) {
 // ---- pass 2: u-weighted sums, per level -------------------------------------------------
 
 // One thread's (or, merged, the row's) sums for one level: moekd::RowSums split by
-// level, with the target's u apart from the rest. G is then u_target + u_rest and
-// the agreement u_target / (u_target + u_rest) cannot round above 1, as
-// Σ_ℓ u_ℓy · (1/G) can when the experts are near-certain (large β).
+// level, the target's u apart from the rest. u_log_D still covers every class: it
+// feeds this kernel's own loss (see finalize), not moekd::row_loss.
 struct LevelSums {
   float u_rest, u_target, u_over_D, u_log_D, u_log_q;
 };
@@ -525,21 +521,23 @@ MOEKD_HD void publish_pass2(LevelConsts* lc, int l, const LevelSums& merged) {
 }
 
 MOEKD_HD void add_level_totals(RowConsts& rc, const LevelSums& merged) {
-  rc.u_target += merged.u_target;
   rc.u_rest += merged.u_rest;
   rc.u_over_D += merged.u_over_D;
   rc.u_log_D += merged.u_log_D;
 }
 
-// moekd::finalize_row on the published sums, over all kMaxLevels levels: the loop
-// bound is then a compile-time constant, the loops unroll and RowSums/RowResult
+// moekd::finalize_row_stats on the published sums, over all kMaxLevels levels: the
+// loop bound is then a compile-time constant, the loops unroll and RowSums/RowResult
 // stay in registers. Unused levels are zero (make_kernel_consts) and add nothing.
+// The loss is NOT moekd::row_loss yet: its double transcendentals (a log1p per
+// level) push the kernel past its 80-register cap into spills, so this kernel keeps
+// the textbook form log σ_y + Σ_ℓ β r_ℓy − Σ r log D, which loses relative
+// precision when the experts saturate (large β, large logits).
 MOEKD_HD RowResult finalize(const LevelConsts* lc, const RowConsts& rc, const Params& params) {
   RowSums sums;
   row_sums_clear(sums, kMaxLevels);
-  sums.u_total = rc.u_target + rc.u_rest;
+  sums.u_rest = rc.u_rest;
   sums.u_over_D = rc.u_over_D;
-  sums.u_log_D = rc.u_log_D;
   MOEKD_UNROLL
   for (int l = 0; l < kMaxLevels; ++l) {
     if (l >= params.num_levels) break;
@@ -549,8 +547,20 @@ MOEKD_HD RowResult finalize(const LevelConsts* lc, const RowConsts& rc, const Pa
   }
   Params p = params;
   p.num_levels = kMaxLevels;
-  RowResult res = finalize_row(sums, p, rc.log_sigma_y);
-  res.agreement = rc.u_target / sums.u_total;  // <= 1 (see LevelSums)
+  RowResult res = finalize_row_stats(sums, p, rc.log_sigma_y);
+  float boost_ll = 0.0f;  // Σ_ℓ β_ℓ r_ℓy
+  float gate_ce = 0.0f;   // Σ_ℓ τ² Σ_c r log q
+  MOEKD_UNROLL
+  for (int l = 0; l < kMaxLevels; ++l) {
+    boost_ll += p.beta[l] * sums.u_target[l] * res.inv_G;
+    gate_ce += p.tau[l] * p.tau[l] * sums.u_log_q[l] * res.inv_G;
+  }
+  const float expert_ll = rc.log_sigma_y + boost_ll - rc.u_log_D * res.inv_G;
+  // A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
+  float loss = 0.0f;
+  if (p.expert_weight != 0.0f) loss -= p.expert_weight * expert_ll;
+  if (p.gate_weight != 0.0f) loss -= p.gate_weight * gate_ce;
+  res.loss = loss;
   return res;
 }
 
