@@ -29,6 +29,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_block(s_row, t_row, cols, num_classes, level_ok):
+    """s (BLOCK,) and t_ℓ (LP, BLOCK) as float32; classes past C and padded levels read
+    as −inf, i.e. as masked classes, so they drop out of every sum."""
+    col_ok = cols < num_classes
+    s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
+    t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
+                other=float("-inf")).to(tl.float32)
+    return s, t
+
+
+@triton.jit
 def _finite_base(m):
     """The base b of a log-sum-exp state: m, or 0 while m = −inf."""
     return tl.where(m == float("-inf"), 0.0, m)
@@ -172,10 +183,7 @@ def moe_kd_row_kernel(
 
         # ---- pass 1: log-sum-exp states of s, s/τ_ℓ, t_ℓ/τ_ℓ ----
         if SINGLE_BLOCK:
-            col_ok = cols0 < num_classes
-            s = tl.load(s_row + cols0, mask=col_ok, other=float("-inf")).to(tl.float32)
-            t = tl.load(t_row + cols0[None, :], mask=level_ok[:, None] & col_ok[None, :],
-                        other=float("-inf")).to(tl.float32)
+            s, t = _load_block(s_row, t_row, cols0, num_classes, level_ok)
             m_s, z_s, z_q, m_t, z_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
         else:
             m_s = float("-inf")
@@ -185,10 +193,7 @@ def moe_kd_row_kernel(
             z_t = tl.zeros([LP], tl.float32)
             for start in range(0, num_classes, BLOCK):
                 cols = start + cols0
-                col_ok = cols < num_classes
-                s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
-                t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
-                            other=float("-inf")).to(tl.float32)
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
                 bm_s, bz_s, bz_q, bm_t, bz_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
                 # Merge the block's states into the row's: both move to the new maximum.
                 m_new = tl.maximum(m_s, bm_s)
@@ -223,10 +228,7 @@ def moe_kd_row_kernel(
             u_log_q = tl.zeros([LP], tl.float32)
             for start in range(0, num_classes, BLOCK):
                 cols = start + cols0
-                col_ok = cols < num_classes
-                s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
-                t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
-                            other=float("-inf")).to(tl.float32)
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
                 sigma, D, inv_D, u, log_q = _block_u(
                     s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
                     inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
@@ -277,13 +279,10 @@ def moe_kd_row_kernel(
         else:
             for start in range(0, num_classes, BLOCK):
                 cols = start + cols0
-                col_ok = cols < num_classes
-                s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
-                t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
-                            other=float("-inf")).to(tl.float32)
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
                 sigma, D, inv_D, u, log_q = _block_u(
                     s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
                     inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
                 grad = _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
                                    gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=col_ok)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
