@@ -21,6 +21,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._jit import MAX_LEVELS as _KERNEL_MAX_LEVELS  # per-level constants live in a fixed-size struct
+
 logger = logging.getLogger("moekd_kernels")
 
 
@@ -51,9 +53,6 @@ class Backend:
     def forward(self, *args):
         return self.load().forward(*args)
 
-
-# moekd::kMaxLevels in csrc/common/moekd_math.h: per-level constants live in a fixed-size struct.
-_KERNEL_MAX_LEVELS = 8
 
 BACKENDS: Dict[str, Backend] = {
     b.name: b
