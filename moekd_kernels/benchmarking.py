@@ -142,6 +142,15 @@ def _levels(value, num_levels: int) -> List[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * num_levels
 
 
+def _teacher_levels(student: Tensor, teacher: Tensor, temperature, level_weights):
+    """teacher as (L, ..., C), one τ per level, and the level weights normalised to sum 1."""
+    if teacher.dim() == student.dim():
+        teacher = teacher.unsqueeze(0)
+    num_levels = teacher.shape[0]
+    weights = _levels(level_weights if level_weights is not None else 1.0, num_levels)
+    return teacher, _levels(temperature, num_levels), [w / sum(weights) for w in weights]
+
+
 def eager_moekd(student: Tensor, teacher: Tensor, target: Tensor, *, temperature=4.0,
                 expert_strength=2.0, level_weights=None, gate_weight=1.0, expert_weight=1.0,
                 ignore_index: int = -100) -> Tensor:
@@ -153,13 +162,8 @@ def eager_moekd(student: Tensor, teacher: Tensor, target: Tensor, *, temperature
     """
     # As HF trainers do: softmaxes of low-precision logits in float32 (float64 stays float64).
     s = student.to(torch.promote_types(student.dtype, torch.float32))
-    if teacher.dim() == s.dim():
-        teacher = teacher.unsqueeze(0)
-    num_levels = teacher.shape[0]
-    taus = _levels(temperature, num_levels)
-    betas = _levels(expert_strength, num_levels)
-    weights = _levels(level_weights if level_weights is not None else 1.0, num_levels)
-    weights = [w / sum(weights) for w in weights]
+    teacher, taus, weights = _teacher_levels(s, teacher, temperature, level_weights)
+    betas = _levels(expert_strength, teacher.shape[0])
 
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
@@ -196,12 +200,7 @@ def eager_classic_kd(student: Tensor, teacher: Tensor, target: Tensor, *, temper
     options (``expert_strength``) are accepted and have no meaning here.
     """
     s = student.to(torch.promote_types(student.dtype, torch.float32))
-    if teacher.dim() == s.dim():
-        teacher = teacher.unsqueeze(0)
-    num_levels = teacher.shape[0]
-    taus = _levels(temperature, num_levels)
-    weights = _levels(level_weights if level_weights is not None else 1.0, num_levels)
-    weights = [w / sum(weights) for w in weights]
+    teacher, taus, weights = _teacher_levels(s, teacher, temperature, level_weights)
     valid = target != ignore_index
     num_valid = valid.sum().clamp_min(1)
     loss = expert_weight * F.cross_entropy(s, target, ignore_index=ignore_index)
@@ -259,12 +258,7 @@ def make_liger_classic_kd() -> Callable[..., Tensor]:
 
     def liger_classic_kd(student, teacher, target, *, temperature=4.0, gate_weight=1.0,
                          expert_weight=1.0, ignore_index=-100, level_weights=None, **_unused):
-        if teacher.dim() == student.dim():
-            teacher = teacher.unsqueeze(0)
-        num_levels = teacher.shape[0]
-        taus = _levels(temperature, num_levels)
-        weights = _levels(level_weights if level_weights is not None else 1.0, num_levels)
-        weights = [w / sum(weights) for w in weights]
+        teacher, taus, weights = _teacher_levels(student, teacher, temperature, level_weights)
         ce = LigerCrossEntropyLoss(ignore_index=ignore_index)
         loss = 0.0
         for t, tau, w in zip(teacher, taus, weights):

@@ -218,24 +218,7 @@ void stream_out(void* dst, const void* src, size_t bytes) {
 #endif
 }
 
-// et[c] = exp(et[c] − shift); returns Σ_c et[c].
-MOEKD_INLINE double exp_in_place_sum(float* et, int64_t C, float shift) {
-  double total = 0.0;
-  for (int64_t b0 = 0; b0 < C; b0 += kSumBlock) {
-    const int64_t b1 = std::min(C, b0 + kSumBlock);
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = b0; c < b1; ++c) {
-      const float e = fast_exp_nonpos(et[c] - shift);
-      et[c] = e;
-      acc += e;
-    }
-    total += acc;
-  }
-  return total;
-}
-
-// out[c] = exp((s[c] − s_max) · scale); returns Σ_c out[c].
+// out[c] = exp((s[c] − s_max) · scale); returns Σ_c out[c]. out may be s (in place).
 MOEKD_INLINE double exp_scaled_sum(const float* s, float* out, int64_t C, float s_max,
                                    float scale) {
   double total = 0.0;
@@ -326,7 +309,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
       et[c] = v;
       t_max = v > t_max ? v : t_max;
     }
-    Zt[l] = exp_in_place_sum(et, C, t_max);
+    Zt[l] = exp_scaled_sum(et, et, C, t_max, 1.0f);
   }
   const double Zs = exp_scaled_sum(s, sc.es, C, s_max, 1.0f);
   for (int l = 0; l < L; ++l) Zq[l] = exp_scaled_sum(s, sc.eq[l], C, s_max, p.inv_tau[l]);
