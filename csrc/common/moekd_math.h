@@ -8,11 +8,15 @@
 //   D_ℓc = 1 + expm1(β_ℓ) σ_c
 //   u_ℓc = w_ℓ π_ℓc exp(β_ℓ [c=y]) / D_ℓc,  G = Σ u,  r = u / G
 // A kernel makes three passes over a row:
-//   1. online max / sum-exp of s, s/τ_ℓ and t_ℓ/τ_ℓ            (LseState)
-//   2. Σ over classes of the u-weighted terms, target apart     (RowSums)
-//   3. the gradient, element by element        (grad_base_term + grad_level_term)
+//   1. max and sum-exp of s, s/τ_ℓ and t_ℓ/τ_ℓ
+//   2. Σ over classes of the u-weighted terms, target apart   → RowSums
+//   3. the gradient, element by element (grad_base_term + the per-level terms)
 // and turns the pass-2 sums into loss and stats with finalize_row(), the one
 // place the loss, G and the agreement are formed, once per row.
+// The per-element loops of passes 1–3 are written in each kernel, because each
+// vectorises them its own way (a polynomial exp under `omp simd` on the CPU,
+// exp2 per lane on the GPU); what they must compute is the RowSums field list
+// and the gradient formula below.
 #pragma once
 
 #include <math.h>
@@ -63,33 +67,9 @@ inline Params make_params(int num_levels, const double* tau, const double* beta,
   return p;
 }
 
-// ---- pass 1: online log-sum-exp ------------------------------------------------
-
-// Running max m and Σ exp(x − m). −inf inputs (masked classes) add nothing, and an
-// all −inf stream stays at (−inf, 0) without forming (−inf) − (−inf).
-struct LseState {
-  float max;
-  float sum;
-};
-
-MOEKD_HD LseState lse_empty() { return {-INFINITY, 0.0f}; }
-
-MOEKD_HD LseState lse_merge(LseState a, LseState b) {
-  if (a.max == -INFINITY) return b;
-  if (b.max == -INFINITY) return a;
-  // A NaN max fails both tests above and turns the sum into NaN below: NaN propagates.
-  const float m = fmaxf(a.max, b.max);
-  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
-}
-
-MOEKD_HD void lse_add(LseState& state, float x) { state = lse_merge(state, LseState{x, 1.0f}); }
-
-// log Σ exp(x); −inf for an empty or fully masked stream. NaN inputs propagate via max.
-MOEKD_HD float lse_value(LseState state) { return state.max + logf(state.sum); }
-
 // ---- pass 2: sums over classes ------------------------------------------------
 
-// Sums of u-weighted terms over a row (or a slice of it; merge with row_sums_merge).
+// Sums of u-weighted terms over a row (or a slice of it, added field by field).
 // They are unnormalised: finalize_row divides by G.
 // The target class y is kept apart from the rest wherever finalize_row needs it:
 // G = Σ_ℓ u_ℓy + u_rest is then formed from two non-negative parts (agreement
@@ -109,42 +89,8 @@ MOEKD_HD void row_sums_clear(RowSums& s, int num_levels) {
   for (int l = 0; l < num_levels; ++l) s.u_level[l] = s.u_log_q[l] = s.u_target[l] = 0.0f;
 }
 
-MOEKD_HD void row_sums_merge(RowSums& a, const RowSums& b, int num_levels) {
-  a.u_rest += b.u_rest;
-  a.u_over_D += b.u_over_D;
-  a.u_log_D_rest += b.u_log_D_rest;
-  for (int l = 0; l < num_levels; ++l) {
-    a.u_level[l] += b.u_level[l];
-    a.u_log_q[l] += b.u_log_q[l];
-    a.u_target[l] += b.u_target[l];
-  }
-}
-
 // D_ℓc = 1 + expm1(β) σ_c, never exp(β)·σ − σ.
 MOEKD_HD float expert_normaliser(float expm1_beta, float sigma) { return fmaf(expm1_beta, sigma, 1.0f); }
-
-// u_ℓc = w_ℓ π_ℓc exp(β[c=y]) / D_ℓc.
-MOEKD_HD float responsibility_weight(const Params& p, int level, float pi, float D, bool is_target) {
-  const float boost = is_target ? p.exp_beta[level] : 1.0f;
-  return p.level_weight[level] * pi * boost / D;
-}
-
-// Adds class c at level ℓ: σ_c, π_ℓc and log q_ℓc = s_c/τ − LSE(s/τ) come from pass 1.
-MOEKD_HD void row_sums_add(RowSums& s, const Params& p, int level, float sigma, float pi,
-                           float log_q, bool is_target) {
-  const float D = expert_normaliser(p.expm1_beta[level], sigma);
-  const float u = responsibility_weight(p, level, pi, D, is_target);
-  s.u_over_D += u / D;
-  s.u_level[level] += u;
-  // 0 · log 0: a class masked in both teacher and student adds nothing.
-  s.u_log_q[level] += u == 0.0f ? 0.0f : u * log_q;
-  if (is_target) {
-    s.u_target[level] += u;  // its log D is part of finalize_row's closed form
-  } else {
-    s.u_rest += u;
-    s.u_log_D_rest += u * log1pf(p.expm1_beta[level] * sigma);
-  }
-}
 
 // ---- finalize: loss and stats of one row -----------------------------------------
 
@@ -230,17 +176,9 @@ MOEKD_HD RowResult finalize_row(const RowSums& s, const Params& p, double log_si
 
 // ---- pass 3: the gradient -------------------------------------------------------
 
-// Per-level contribution to ∂loss/∂s_j, given σ_j, π_ℓj and q_ℓj:
-//   λ_e r_ℓj (1 − 1/D_ℓj)  +  λ_g τ_ℓ (R_ℓ q_ℓj − r_ℓj)
-// (σ_j r_ℓj expm1(β)/D_ℓj rewritten as r_ℓj (1 − 1/D_ℓj): bounded, no exp(β)·σ.)
-MOEKD_HD float grad_level_term(const Params& p, const RowResult& row, int level, float sigma,
-                               float pi, float q, bool is_target) {
-  const float D = expert_normaliser(p.expm1_beta[level], sigma);
-  const float r = responsibility_weight(p, level, pi, D, is_target) * row.inv_G;
-  return p.expert_weight * (r - r / D) + p.gate_weight * p.tau[level] * (row.R[level] * q - r);
-}
-
-// The level-independent part: λ_e (σ_j A − [j = y]). Add grad_level_term for each ℓ.
+// ∂loss/∂s_j = λ_e (σ_j A − [j = y])                                 (this term)
+//            + Σ_ℓ [ λ_e r_ℓj (1 − 1/D_ℓj) + λ_g τ_ℓ (R_ℓ q_ℓj − r_ℓj) ]  (per level)
+// with σ_j r_ℓj expm1(β)/D_ℓj written as r_ℓj (1 − 1/D_ℓj): bounded, no exp(β)·σ.
 MOEKD_HD float grad_base_term(const Params& p, const RowResult& row, float sigma, bool is_target) {
   return p.expert_weight * (sigma * row.A - (is_target ? 1.0f : 0.0f));
 }

@@ -26,7 +26,7 @@
 //
 // Math. Exponentials are base 2 (exp2(x·log2e) = exp(x)): the GPU's exp2 is one
 // special-function instruction, and log2e is folded into k2 = log2(e)/τ_ℓ.
-// pass2_classes mirrors moekd::row_sums_add and pass3_level moekd::grad_level_term,
+// pass2_classes fills moekd::RowSums and pass3_level adds the per-level gradient terms,
 // with 1/D formed once (a 2-ulp reciprocal) and log D as log2(D)·ln2. log D only
 // enters the loss through Σ r log D with Σ r = 1, so its absolute error (< 2e-7)
 // is the loss's.
@@ -469,7 +469,7 @@ MOEKD_HD void level_sums_merge(LevelSums& a, const LevelSums& b) {
   a.u_log_q += b.u_log_q;
 }
 
-// W classes c0 .. c0+W-1 at one level (mirrors moekd::row_sums_add).
+// W classes c0 .. c0+W-1 at one level: their moekd::RowSums terms.
 template <int W>
 MOEKD_HD void pass2_classes(LevelSums& s, const LevelConsts& c, const RowConsts& rc, int y, int c0,
                             const float (&x)[W], const float (&t)[W]) {
@@ -575,7 +575,7 @@ MOEKD_HD void publish_R(LevelConsts* lc, const RowResult& res, int L) {
 
 // ---- pass 3: the gradient ------------------------------------------------------------
 
-// Level l's share of ∂loss/∂s for W classes (mirrors moekd::grad_level_term).
+// Level l's share of ∂loss/∂s for W classes (the per-level terms in moekd_math.h).
 template <int W>
 MOEKD_HD void pass3_level(float (&g)[W], const LevelConsts& c, const RowResult& res, float expert_weight,
                           int y, int c0, const float (&d)[W], const float (&sigma)[W], const float (&t)[W]) {
