@@ -14,6 +14,8 @@ returns why, and ``backend="auto"`` moves on to the next backend.
 How rows map onto the GPU is decided per call from C, L and the dtypes (see
 ``describe_plan``); ``MOEKD_CUDA_PATH`` (or the module attribute ``FORCE_PATH``)
 forces one of "warp", "block", "cluster", "stream" for tests and benchmarks.
+``launch_config`` gives (path, prefetch) per call; benchmarks/gpu_check.py --sweep
+replaces it to time each entry of ``SWEEP_SPACE``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from .options import MoEKDOptions
 # moekd_cuda::Path in csrc/cuda/moekd_cuda.h.
 PATHS = {"auto": 0, "warp": 1, "block": 2, "cluster": 3, "stream": 4}
 FORCE_PATH = os.environ.get("MOEKD_CUDA_PATH", "auto")
+
+# (path, prefetch) candidates for the sweep. prefetch 1: the cached paths load their
+# whole share of the row into shared memory with asynchronous copies before pass 1,
+# so the memory latency is waited out once per row, not once per chunk. A forced
+# path that cannot run a shape raises (the sweep logs it).
+SWEEP_SPACE = [("auto", 1), ("auto", 0), ("cluster", 1), ("cluster", 0), ("block", 1), ("block", 0),
+               ("stream", 0)]
 
 # No --use_fast_math: the kernel relies on IEEE inf/NaN (masked classes, NaN
 # propagation) and picks its fast intrinsics itself where they are accurate.
@@ -89,10 +98,16 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return _load()[1]
 
 
-def _path_code() -> int:
-    if FORCE_PATH not in PATHS:
-        raise ValueError(f"MOEKD_CUDA_PATH must be one of {tuple(PATHS)}, got {FORCE_PATH!r}")
-    return PATHS[FORCE_PATH]
+def launch_config(num_classes: int, num_levels: int, device_type: str) -> Tuple[str, int]:
+    """(path name, prefetch 0/1) for rows of this shape; the kernel plans the rest."""
+    return FORCE_PATH, 1
+
+
+def _path_code(name: str) -> int:
+    if name not in PATHS:
+        raise ValueError(f"the cuda path (MOEKD_CUDA_PATH, launch_config) must be one of {tuple(PATHS)}, "
+                         f"got {name!r}")
+    return PATHS[name]
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
@@ -103,11 +118,13 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
     if extension is None:
         raise RuntimeError(f"backend='cuda' is not available: {failure}")
     stream = torch.cuda.current_stream(student.device).cuda_stream
+    # A module global looked up per call: the benchmark sweep replaces it.
+    path, prefetch = launch_config(student.shape[1], teacher.shape[0], student.device.type)
     loss, log_likelihood, agreement, grad = extension.forward(
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
         float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        int(stream), _path_code(),
+        int(stream), _path_code(path), int(prefetch),
     )
     return loss, log_likelihood, agreement, grad
 
@@ -120,6 +137,6 @@ def describe_plan(num_classes: int, num_levels: int = 1, dtype: torch.dtype = to
     if extension is None:
         raise RuntimeError(f"backend='cuda' is not available: {failure}")
     device = torch.cuda.current_device() if device is None else device
-    code = PATHS[path] if path is not None else _path_code()
+    code = _path_code(path if path is not None else launch_config(num_classes, num_levels, "cuda")[0])
     return extension.describe_plan(device, int(num_classes), int(num_levels), DTYPE_NAMES[dtype],
                                    DTYPE_NAMES[teacher_dtype or dtype], code)

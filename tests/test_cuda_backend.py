@@ -166,9 +166,10 @@ def _strided_buffer(values: torch.Tensor, strides, offset: int) -> torch.Tensor:
     return flat
 
 
-def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cache=True,
+def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cache=True, prefetch=False,
             s_pad=0, s_off=0, t_layout="lnc", t_pad=0, t_off=0, g_off=0, tmp_path):
-    """Run the kernel's per-thread code on (N, C) student, (L, N, C) teacher."""
+    """Run the kernel's per-thread code on (N, C) student, (L, N, C) teacher. With cache
+    and prefetch, each thread fills its cache slots before pass 1 (prefetch_row)."""
     N, C = student.shape
     L = teacher.shape[0]
     opts = _resolve(L, options)
@@ -180,7 +181,7 @@ def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cac
     s_buf = _strided_buffer(student, (s_stride, 1), s_off)
     t_buf = _strided_buffer(teacher, (t_lstride, t_rstride, 1), t_off)
     header = [N, C, L, _DTYPE_CODE[student.dtype], _DTYPE_CODE[teacher.dtype], threads, blocks, int(cache),
-              s_stride, t_lstride, t_rstride, s_off, t_off, g_off, opts.ignore_index, 0]
+              s_stride, t_lstride, t_rstride, s_off, t_off, g_off, opts.ignore_index, int(prefetch)]
     doubles = [*opts.temperatures, *opts.expert_strengths, *opts.level_weights, opts.gate_weight,
                opts.expert_weight]
     blob = (struct.pack("<16q", *header) + struct.pack(f"<{len(doubles)}d", *doubles)
@@ -266,20 +267,26 @@ EMU_CASES = [
     (1031, 3, torch.bfloat16, torch.float32, dict(threads=32, s_off=4, t_off=2, g_off=4)),
     (257, 1, torch.float16, None, dict(cache=False, s_pad=2)),
     (1031, 2, torch.float16, torch.bfloat16, dict(threads=64, blocks=3)),
+    # 16-block clusters (non-portable on sm_90): rank 15 ends the row, threads with 1 or 2 chunks
+    (9001, 1, torch.float32, None, dict(threads=32, blocks=16)),
+    (9001, 2, torch.bfloat16, torch.float32, dict(threads=64, blocks=16, s_off=4, t_off=2, g_off=4)),
 ]
 
 
+@pytest.mark.parametrize("prefetch", [0, 1], ids=["load", "prefetch"])
 @pytest.mark.parametrize("C,L,dtype,teacher_dtype,geometry", EMU_CASES,
                          ids=[f"C{c}-L{l}-{str(d)[6:]}-{str(t)[6:] if t else 'same'}-{i}"
                               for i, (c, l, d, t, _) in enumerate(EMU_CASES)])
-def test_emulated_rows_match_oracle(emulator, tmp_path, C, L, dtype, teacher_dtype, geometry):
+def test_emulated_rows_match_oracle(emulator, tmp_path, C, L, dtype, teacher_dtype, geometry, prefetch):
     options = LEVEL_OPTIONS[L]
     case = make_case(6, C, L, dtype=dtype, teacher_dtype=teacher_dtype, seed=C + L, **options)
-    result = emulate(emulator, case.student, _levels(case), case.target, options, tmp_path=tmp_path, **geometry)
+    result = emulate(emulator, case.student, _levels(case), case.target, options, tmp_path=tmp_path,
+                     prefetch=prefetch, **geometry)
     _check_against_oracle(result, case)
 
 
-def test_emulated_special_rows(emulator, tmp_path):
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_emulated_special_rows(emulator, tmp_path, prefetch):
     """Ignored rows give zeros; out-of-range targets NaN (never read at y); −inf
     classes masked in both student and teacher change nothing else."""
     C, L = 203, 2
@@ -295,7 +302,7 @@ def test_emulated_special_rows(emulator, tmp_path):
     case.target[4] = C            # out of range above
     case.target[6] = -1           # out of range below
     result = emulate(emulator, case.student, case.teacher, case.target, options, threads=32, blocks=2,
-                     tmp_path=tmp_path)
+                     prefetch=prefetch, tmp_path=tmp_path)
     loss, grad, ll, agreement = result
     assert loss[1] == 0 and ll[1] == 0 and agreement[1] == 0 and (grad[1] == 0).all()
     assert torch.isfinite(loss[[0, 2, 3, 5, 7]]).all()
@@ -404,6 +411,20 @@ def test_unavailable_without_gpu_or_on_cpu():
         assert cuda_backend.unavailable_reason("cuda") is not None
 
 
+def test_launch_config_defaults_and_sweep_space(monkeypatch):
+    """forward asks launch_config per call (the sweep replaces it): the forced path,
+    prefetch on; every sweep candidate names a real path and a 0/1 prefetch."""
+    from moekd_kernels import cuda_backend
+
+    assert cuda_backend.launch_config(4096, 1, "cuda") == (cuda_backend.FORCE_PATH, 1)
+    monkeypatch.setattr(cuda_backend, "FORCE_PATH", "cluster")
+    assert cuda_backend.launch_config(131072, 2, "cuda") == ("cluster", 1)
+    space = cuda_backend.SWEEP_SPACE
+    assert ("auto", 1) in space and ("auto", 0) in space
+    for path, prefetch in space:
+        assert path in cuda_backend.PATHS and prefetch in (0, 1)
+
+
 @pytest.fixture
 def cuda_path(monkeypatch):
     """Force one of the kernel's row mappings for a test."""
@@ -449,6 +470,22 @@ def test_gpu_every_path(built, cuda_path, path, C, L):
     for dtype in (torch.float32, torch.bfloat16):
         case = make_case(_rows_for(C), C, L, dtype=dtype, device="cuda", seed=7, **LEVEL_OPTIONS[L])
         check_backend("cuda", case)
+
+
+@gpu
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("path", ["auto", "warp", "block", "cluster"])
+def test_gpu_prefetch_on_and_off(built, monkeypatch, path, prefetch):
+    """Both ways of filling the cache (loads in pass 1, async copies before it) on every
+    cached path; fp32 C=131073 is a 16-block cluster row on an H100."""
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    monkeypatch.setattr(built, "launch_config", lambda C, L, device_type: (path, prefetch))
+    sizes = [(127, 2)] if path == "warp" else [(4097, 2), (131073, 1)]
+    for C, L in sizes:
+        for dtype in (torch.float32, torch.bfloat16):
+            case = make_case(_rows_for(C), C, L, dtype=dtype, device="cuda", seed=13, **LEVEL_OPTIONS[L])
+            check_backend("cuda", case)
 
 
 @gpu
@@ -532,3 +569,7 @@ def test_gpu_plans_are_described(built):
     assert text[100].startswith("warp rows")
     assert "cache" in text[4097] and "no cache" not in text[4097]
     assert text[4_000_000].startswith("streamed")
+    if torch.cuda.get_device_capability()[0] == 9:  # H100/H200: 16-block clusters can be scheduled
+        fp32 = built.describe_plan(131072, 1, torch.float32)
+        print(f"C=131072 fp32: {fp32}")
+        assert "x16 blocks per row" in fp32, fp32

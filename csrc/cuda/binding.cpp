@@ -27,7 +27,7 @@ moekd_cuda::DType to_dtype(const at::Tensor& t, const char* name) {
 std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tensor target,
                                 std::vector<double> temperatures, std::vector<double> expert_strengths,
                                 std::vector<double> level_weights, double gate_weight, double expert_weight,
-                                int64_t ignore_index, int64_t stream, int64_t path) {
+                                int64_t ignore_index, int64_t stream, int64_t path, int64_t prefetch) {
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", student.sizes());
   TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", teacher.sizes());
   TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", target.sizes());
@@ -81,6 +81,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   args.params = moekd::make_params(static_cast<int>(L), temperatures.data(), expert_strengths.data(),
                                    level_weights.data(), gate_weight, expert_weight, ignore_index);
   args.path = static_cast<int>(path);
+  args.prefetch = prefetch != 0 ? 1 : 0;
   args.device = student.get_device();
   args.stream = reinterpret_cast<void*>(static_cast<intptr_t>(stream));
   const char* error = moekd_cuda::launch(args);

@@ -11,7 +11,7 @@
 // Usage: host_emulation IN OUT. IN (little-endian):
 //   int64[16]: N C L student_dtype teacher_dtype threads K use_cache
 //              student_row_stride teacher_level_stride teacher_row_stride
-//              student_offset teacher_offset grad_offset ignore_index reserved
+//              student_offset teacher_offset grad_offset ignore_index prefetch
 //              (dtypes: 0 float32, 1 bfloat16, 2 float16; offsets in elements)
 //   float64[3L + 2]: temperatures, expert strengths, level weights, gate weight, expert weight
 //   student buffer: student_offset + (N-1)*student_row_stride + C elements
@@ -57,7 +57,7 @@ size_t elem_size(long long dtype) { return dtype == 0 ? 4 : 2; }
 
 struct Job {
   long long N, C, L, sd, td, threads, K, use_cache, s_stride, t_lstride, t_rstride, s_off, t_off, g_off,
-      ignore_index;
+      ignore_index, prefetch;
   moekd::Params params;
   Buffer* student;
   Buffer* teacher;
@@ -98,6 +98,7 @@ void run(Job& job) {
       r.cache_tid = tid;
       r.cache_width = threads;
       r.cache_slots = slots;
+      r.prefetched = false;
       r.lc = lcs[rank].data();
       plan_layout(r);
       if (job.use_cache && (r.nchunks + G - 1) / G > slots) die("cache too small for the layout");
@@ -111,9 +112,17 @@ void run(Job& job) {
       job.loss[row] = job.ll[row] = job.agreement[row] = value;
       continue;
     }
-    // Poison what the leader has not written yet: a read before the write shows as NaN.
+    // Poison what the leader has not written yet, and the caches (the last row's data):
+    // a read before the write shows as NaN.
     for (auto& lc : lcs)
       for (auto& c : lc) memset(&c, 0xff, sizeof c);
+    for (auto& cache : caches) memset(cache.data(), 0xff, cache.size() * sizeof(Vec16));
+    if (job.prefetch && job.use_cache) {
+      for (auto& r : ctx) {
+        prefetch_row(r);
+        r.prefetched = true;
+      }
+    }
     for (auto& lc : lcs) leader_init_levels(lc.data(), kc);
 
     std::vector<float> s_max_thread(G, -INFINITY);
@@ -176,6 +185,7 @@ int main(int argc, char** argv) {
   job.t_off = h[12];
   job.g_off = h[13];
   job.ignore_index = h[14];
+  job.prefetch = h[15];
   if (job.L < 1 || job.L > moekd::kMaxLevels || job.C < 1 || job.N < 1) die("bad sizes");
   std::vector<double> opts(3 * job.L + 2);
   read_exact(in, opts.data(), opts.size() * sizeof(double));

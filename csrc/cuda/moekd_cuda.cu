@@ -5,6 +5,7 @@
 #include <set>
 #include <stdio.h>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "cuda/moekd_cuda.cuh"
@@ -27,6 +28,8 @@ using moekd::cuda_row::Vec16;
 constexpr long long kWarpCacheBudget = 64 * 1024;   // per block of 8 warp rows
 constexpr long long kBlockCacheBudget = 96 * 1024;  // per block
 constexpr long long kClusterBudgetMax = 160 * 1024; // per block at cluster size 8
+constexpr int kPortableClusterBlocks = 8;           // the cluster size every sm_90+ device schedules
+constexpr int kMaxClusterBlocks = 16;               // non-portable (H100); tried first, 8 as the fallback
 constexpr long long kWarpRowsMaxClasses = 1024;     // auto: warp rows up to this C
 constexpr int kChunksPerThread = 4;                 // cached paths: chunks each thread keeps, at least
 constexpr int kCachedMaxThreads = 256;              // cached paths: 2-3 blocks of ~80 registers per SM
@@ -102,17 +105,25 @@ const char* device_info(int device, DeviceInfo& out) {
   return nullptr;
 }
 
-// Lets `kernel` use all the dynamic shared memory the device allows, once per
-// (kernel, device). Always the maximum, so concurrent callers never lower it.
-const char* allow_dynamic_smem(const void* kernel, int device, long long bytes) {
-  static std::set<std::pair<const void*, int>> done;
+// Sets a function attribute of `kernel` once per (kernel, device, attribute).
+// Always the same value per attribute, so concurrent callers never undo each other.
+const char* set_attribute_once(const void* kernel, int device, cudaFuncAttribute attribute, int value) {
+  static std::set<std::tuple<const void*, int, int>> done;
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (done.count({kernel, device})) return nullptr;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(bytes));
-  if (e != cudaSuccess) return fail(std::string("moekd cuda: cudaFuncSetAttribute failed: ") + cudaGetErrorString(e));
-  done.insert({kernel, device});
+  const auto key = std::make_tuple(kernel, device, static_cast<int>(attribute));
+  if (done.count(key)) return nullptr;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, attribute, value);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so the caller's later checks see only their own errors
+    return fail(std::string("moekd cuda: cudaFuncSetAttribute failed: ") + cudaGetErrorString(e));
+  }
+  done.insert(key);
   return nullptr;
+}
+
+// Lets `kernel` use all the dynamic shared memory the device allows (always the maximum).
+const char* allow_dynamic_smem(const void* kernel, int device, long long bytes) {
+  return set_attribute_once(kernel, device, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
@@ -154,6 +165,46 @@ void cached_geometry(long long chunks, int max_thr, int& threads, int& slots) {
   threads = static_cast<int>(thr);
   slots = static_cast<int>(ceil_div(chunks, thr));
   if (slots < 1) slots = 1;
+}
+
+enum class ClusterFit { kOk, kTooLarge, kNotSchedulable, kError /* message in g_error */ };
+
+// Cluster rows with K blocks per row: fills `plan` (its kernel already set) when the
+// shares fit shared memory and the device can co-schedule such a cluster (a launch
+// of one it cannot would fail).
+ClusterFit plan_cluster(int device, long long dyn_max, long long chunks, long long vpc, int K, Plan& plan) {
+  int threads, slots;
+  cached_geometry(ceil_div(chunks, K), kCachedMaxThreads, threads, slots);
+  const long long bytes = static_cast<long long>(slots) * threads * vpc * 16;
+  if (bytes > dyn_max || bytes > kClusterBudgetMax) return ClusterFit::kTooLarge;
+  if (bytes > 48 * 1024 && allow_dynamic_smem(plan.kernel, device, dyn_max) != nullptr) return ClusterFit::kError;
+  if (K > kPortableClusterBlocks &&
+      set_attribute_once(plan.kernel, device, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != nullptr)
+    return ClusterFit::kNotSchedulable;  // a device without non-portable sizes
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attrs[1];
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = K;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  config.gridDim = dim3(K, 1, 1);
+  config.blockDim = dim3(threads, 1, 1);
+  config.dynamicSmemBytes = static_cast<size_t>(bytes);
+  config.attrs = attrs;
+  config.numAttrs = 1;
+  int active = 0;
+  const cudaError_t e = cudaOccupancyMaxActiveClusters(&active, plan.kernel, &config);
+  if (e != cudaSuccess || active < 1) {
+    cudaGetLastError();  // clear; the caller falls back
+    return ClusterFit::kNotSchedulable;
+  }
+  plan.threads = threads;
+  plan.cluster = K;
+  plan.cache = true;
+  plan.cache_slots = slots;
+  plan.group_cache_vecs = bytes / 16;
+  plan.smem = bytes;
+  return ClusterFit::kOk;
 }
 
 const char* make_plan(int device, long long C, int L, DType sd, DType td, int path, Plan& plan) {
@@ -217,46 +268,23 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
   if (path == kClusterRow) {
     if (dev.cc_major < 9) return fail("moekd cuda: cluster rows need compute capability 9.0+");
     if (chunks < 2) return fail("moekd cuda: cluster rows need C >= 16");
+    // The fewest blocks whose shares fit the budget. Past 8 blocks (a row of more than
+    // 8 x 96 KB, e.g. fp32 C=131072) 16 blocks of 64 KB give each SM three blocks to
+    // hide memory latency with, where 8 blocks of 128 KB leave one; when 16 cannot be
+    // scheduled, 8 with more shared memory per block (today's plan), then streaming.
     int K = 2;
-    while (K < 8 && ceil_div(row_bytes, K) > kBlockCacheBudget) K *= 2;
-    int threads, slots;
-    cached_geometry(ceil_div(chunks, K), kCachedMaxThreads, threads, slots);
-    const long long bytes = static_cast<long long>(slots) * threads * vpc * 16;
-    if (bytes > dyn_max || bytes > kClusterBudgetMax) {
+    while (K < kMaxClusterBlocks && ceil_div(row_bytes, K) > kBlockCacheBudget) K *= 2;
+    ClusterFit fit = plan_cluster(device, dyn_max, chunks, vpc, K, plan);
+    if (fit != ClusterFit::kOk && K > kPortableClusterBlocks)
+      fit = plan_cluster(device, dyn_max, chunks, vpc, kPortableClusterBlocks, plan);
+    if (fit == ClusterFit::kOk) return nullptr;
+    if (fit == ClusterFit::kError) return g_error.c_str();
+    if (fit == ClusterFit::kTooLarge)
       return fail("moekd cuda: the row does not fit the shared memory of an 8-block cluster");
-    }
-    plan.threads = threads;
-    plan.cluster = K;
-    plan.cache = true;
-    plan.cache_slots = slots;
-    plan.group_cache_vecs = bytes / 16;
-    plan.smem = bytes;
-    if (bytes > 48 * 1024) {
-      if (const char* err = allow_dynamic_smem(plan.kernel, device, dyn_max)) return err;
-    }
-    // A cluster that cannot be co-scheduled would fail at launch: stream instead.
-    cudaLaunchConfig_t config = {};
-    cudaLaunchAttribute attrs[1];
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = K;
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = 1;
-    config.gridDim = dim3(K, 1, 1);
-    config.blockDim = dim3(threads, 1, 1);
-    config.dynamicSmemBytes = static_cast<size_t>(bytes);
-    config.attrs = attrs;
-    config.numAttrs = 1;
-    int active = 0;
-    e = cudaOccupancyMaxActiveClusters(&active, plan.kernel, &config);
-    if (e != cudaSuccess || active < 1) {
-      cudaGetLastError();  // clear; fall back to streaming below
-      if (forced) return fail("moekd cuda: this cluster cannot be scheduled on the device");
-      plan = Plan();
-      plan.kernel = kernel_for_dtypes(sd, td, false);
-      path = kStreamRow;
-    } else {
-      return nullptr;
-    }
+    if (forced) return fail("moekd cuda: this cluster cannot be scheduled on the device");
+    plan = Plan();
+    plan.kernel = kernel_for_dtypes(sd, td, false);
+    path = kStreamRow;
   }
 
   // kStreamRow (or a zero-chunk row under kBlockRow): one block, no cache.
@@ -324,6 +352,7 @@ const char* launch(const LaunchArgs& args) {
   k.num_classes = static_cast<int>(args.num_classes);
   k.cluster_size = plan.cluster;
   k.use_cache = plan.cache ? 1 : 0;
+  k.prefetch = plan.cache && args.prefetch ? 1 : 0;
   k.cache_slots = plan.cache_slots;
   k.group_cache_vecs = plan.group_cache_vecs;
   k.kc = moekd::cuda_row::make_kernel_consts(args.params);

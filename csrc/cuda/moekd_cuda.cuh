@@ -38,6 +38,7 @@ struct KernelArgs {
   int num_classes;
   int cluster_size;           // blocks per row (block rows); 1 without a cluster launch
   int use_cache;              // keep each thread's chunks in shared memory
+  int prefetch;               // with the cache: fill it with async copies before pass 1
   int cache_slots;            // chunks per thread the cache holds
   long long group_cache_vecs; // Vec16 per row group (warp rows: per warp)
   KernelConsts kc;
@@ -163,6 +164,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   int K = 1;
   bool leader;
   r.cache = nullptr;
+  r.prefetched = false;
   if constexpr (kWarpRows) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     row = static_cast<long long>(blockIdx.x) * kGroups + warp;
@@ -210,6 +212,10 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
     return;  // no reduction or barrier follows
   }
 
+  if (a.prefetch && r.cache != nullptr) {
+    prefetch_row(r);
+    r.prefetched = true;
+  }
   if (leader) leader_init_levels(r.lc, a.kc);
   group_sync<kWarpRows>();
 

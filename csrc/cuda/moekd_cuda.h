@@ -16,7 +16,7 @@ enum Path : int {
   kAuto = 0,
   kWarpRows = 1,   // a warp per row, several rows per block (small C)
   kBlockRow = 2,   // a block per row, the row cached in shared memory (streamed if it does not fit)
-  kClusterRow = 3, // a cluster of 2..8 blocks per row (sm_90+), each caching a share of the row
+  kClusterRow = 3, // a cluster of 2..16 blocks per row (sm_90+), each caching a share of the row
   kStreamRow = 4,  // a block per row, no cache: passes 2 and 3 read global memory again
 };
 
@@ -37,6 +37,7 @@ struct LaunchArgs {
   long long num_classes;
   moekd::Params params;                // params.num_levels = L <= moekd::kMaxLevels
   int path;                            // Path
+  int prefetch;                        // 1: cached paths load the row with async copies before pass 1
   int device;                          // CUDA device of the tensors
   void* stream;                        // cudaStream_t
 };

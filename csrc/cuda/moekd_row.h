@@ -21,8 +21,10 @@
 // aligned at the first chunk; when no head length does that (say, a bf16 student
 // with an fp32 teacher at unrelated offsets), the whole row is scalar. Thread gi
 // takes chunks gi, gi + G, ...; its j-th chunk may be kept in a per-thread cache
-// slot (shared memory on the GPU), so later reads skip global memory. Only the
-// thread that filled a slot reads it: the cache needs no barrier.
+// slot (shared memory on the GPU), so later reads skip global memory. The cache is
+// filled either by pass 1's reads or, before pass 1, by prefetch_row (asynchronous
+// copies on the GPU). Only the thread that filled a slot reads it: the cache needs
+// no barrier.
 //
 // Math. Exponentials are base 2 (exp2(x·log2e) = exp(x)): the GPU's exp2 is one
 // special-function instruction, and log2e is folded into k2 = log2(e)/τ_ℓ.
@@ -319,6 +321,7 @@ struct RowCtx {
   Vec16* cache;               // this thread's CTA's cache, or nullptr: read global memory again
   int cache_tid, cache_width; // index and count of the threads sharing that cache
   int cache_slots;            // chunks per thread the cache holds (>= ceil(nchunks / G))
+  bool prefetched;            // prefetch_row filled the cache: pass 1 reads it, not global memory
   LevelConsts* lc;            // the group's level constants (shared memory on the GPU)
 
   MOEKD_HD const TT* level(int l) const { return t + l * t_level_stride; }
@@ -380,6 +383,49 @@ MOEKD_HD void load_chunk(const RowCtx<TS, TT>& r, const T* row, int which, int j
   Elem<T>::unpack(v, x);
 }
 
+// 16 bytes global → shared memory without a trip through registers (cp.async,
+// sm_80+): a thread can have all its chunks in flight at once, instead of waiting
+// out the memory latency once per chunk as a load-then-use loop does. .cg keeps
+// the lines in L2 only: each is read once. A plain copy on the host.
+MOEKD_HD void copy16_async(Vec16* dst, const Vec16* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+               "l"(__cvta_generic_to_global(src))
+               : "memory");
+#else
+  *dst = *src;
+#endif
+}
+
+// Waits for this thread's copy16_async calls; their data is then visible to this
+// thread (and only this one needs it: no barrier).
+MOEKD_HD void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Fills this thread's cache slots with all its chunks of the student row and of
+// every teacher level, and waits for them; pass 1 then reads the cache like passes
+// 2 and 3 (r.prefetched). Same slots and order as load_chunk's first reads.
+template <class TS, class TT>
+MOEKD_HD void prefetch_row(const RowCtx<TS, TT>& r) {
+  constexpr int VS = Elem<TS>::kVecs, VT = Elem<TT>::kVecs;
+  int j = 0;
+  for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
+    const int c0 = r.head + ch * kChunk;
+    const Vec16* s = reinterpret_cast<const Vec16*>(r.s + c0);
+    MOEKD_UNROLL
+    for (int i = 0; i < VS; ++i) copy16_async(r.slot(0, j, i), s + i);
+    for (int l = 0; l < r.L; ++l) {
+      const Vec16* t = reinterpret_cast<const Vec16*>(r.level(l) + c0);
+      MOEKD_UNROLL
+      for (int i = 0; i < VT; ++i) copy16_async(r.slot(1 + l, j, i), t + i);
+    }
+  }
+  copy_async_wait_all();
+}
+
 // This thread's pass-1 sums for level l. Level 0 also finds the thread's student
 // max (s_max_thread, read by later levels) and σ's sum.
 template <class TS, class TT>
@@ -391,7 +437,7 @@ MOEKD_HD Pass1Level pass1_level(const RowCtx<TS, TT>& r, int l, float& s_max_thr
   for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
     const int c0 = r.head + ch * kChunk;
     float x[kChunk];
-    load_chunk(r, r.s, 0, j, c0, l == 0, x);
+    load_chunk(r, r.s, 0, j, c0, l == 0 && !r.prefetched, x);
     if (l == 0) {
       float sums[2] = {st.s_sum, st.q_sum};
       const float k[2] = {kLog2e, k2};
@@ -401,7 +447,7 @@ MOEKD_HD Pass1Level pass1_level(const RowCtx<TS, TT>& r, int l, float& s_max_thr
     } else {
       fixed_add<kChunk>(s_max_thread, st.q_sum, k2, x);
     }
-    load_chunk(r, t, 1 + l, j, c0, true, x);
+    load_chunk(r, t, 1 + l, j, c0, !r.prefetched, x);
     float ts[1] = {st.t_sum};
     const float kt[1] = {k2};
     online_add<kChunk>(st.t_max, ts, kt, x);
