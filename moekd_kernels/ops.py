@@ -93,9 +93,13 @@ def _scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
     """grad[i, :] *= scale[i], in place, with no N×C temporaries."""
     if scale.numel() == 0:
         return grad
+    if grad.device.type == "cuda" and BACKENDS["triton"].unavailable_reason("cuda") is None:
+        from .triton_backend import scale_rows_
+
+        return scale_rows_(grad, scale)
     if scale.stride(0) == 0:
         # "mean"/"sum": one value broadcast to every row. A 0-dim factor keeps the
-        # product in one pass, in float32 arithmetic, for any gradient dtype.
+        # product in one pass, in float32 arithmetic on the CPU, for any gradient dtype.
         return grad.mul_(scale[0])
     scale = scale.unsqueeze(-1)
     if grad.device.type != "cpu" or grad.dtype == scale.dtype:

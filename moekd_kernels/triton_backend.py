@@ -5,12 +5,13 @@ interpreter, which Triton enables when ``TRITON_INTERPRET=1`` is set before
 it is imported; that is how the tests exercise the kernel without a GPU.
 
 The launch path never synchronises with the device: per-level constants go in
-as kernel arguments (tuples of floats, no host-to-device copy), and the grid
-is one program per row.
+as kernel arguments (tuples of floats, no host-to-device copy). The grid is one
+program per row, or a persistent grid of a few programs per SM (``launch_config``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -41,6 +42,13 @@ class Tiles(NamedTuple):
     loop_block: int  # ... and at most this many
 
 
+class LaunchConfig(NamedTuple):
+    block: int            # classes per step; the single-block path when C <= block
+    num_warps: int
+    programs_per_sm: int  # persistent grid of this many programs per SM; 0: one program per row
+    l2_hints: bool        # evict-last loads in passes 1-2, evict-first in pass 3
+
+
 # The launch table, in one place (LP = L rounded up to a power of two).
 # "cuda": measured on an H100, bf16, N = 16384 (L = 1 and 2): BLOCK 1024 with 4
 # warps beat 2048–8192 by 5–35% for C ≥ 32768; a 4096-class row ran best with
@@ -51,23 +59,39 @@ TILES = {"cuda": Tiles(single=8192, loop=4096, loop_block=1024),
          "cpu": Tiles(single=16384, loop=16384, loop_block=16384)}
 MIN_BLOCK = 16
 
+# Candidates for benchmarks/gpu_check.py --sweep (block, num_warps, programs_per_sm, l2_hints).
+SWEEP_SPACE = [(1024, 4, 0, True), (1024, 4, 2, True), (1024, 4, 4, True), (1024, 4, 4, False),
+               (1024, 8, 2, True), (2048, 8, 1, True), (2048, 8, 2, True), (4096, 16, 1, True),
+               (4096, 8, 0, False), (4096, 4, 4, False), (4096, 4, 8, False)]
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def launch_config(num_classes: int, num_levels: int, device_type: str) -> Tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``num_classes`` classes and ``num_levels`` levels.
-
-    The kernel takes its single-block path when num_classes <= BLOCK.
-    """
+def launch_config(num_classes: int, num_levels: int, device_type: str) -> LaunchConfig:
+    """The launch for rows of ``num_classes`` classes and ``num_levels`` levels."""
     levels_padded = _next_pow2(num_levels)
     tiles = TILES.get(device_type, TILES["cuda"])
     block = max(MIN_BLOCK, _next_pow2(num_classes))
     if block * levels_padded > tiles.single:
         block = max(MIN_BLOCK, min(tiles.loop // levels_padded, tiles.loop_block))
     num_warps = 4 if block * levels_padded <= 4096 else 16
-    return block, num_warps
+    return LaunchConfig(block, num_warps, 0, False)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid_size(num_rows: int, programs_per_sm: int, device: torch.device) -> int:
+    if programs_per_sm <= 0:
+        return num_rows
+    # The interpreter has no SMs: there a "persistent" grid is programs_per_sm programs.
+    units = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+    return max(1, min(num_rows, programs_per_sm * units))
 
 
 def _interpreted() -> bool:
@@ -142,17 +166,18 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor,
     if num_rows == 0:
         return loss, log_likelihood, agreement, grad
 
-    block, num_warps = launch_config(num_classes, num_levels, device.type)
+    block, num_warps, programs_per_sm, l2_hints = launch_config(num_classes, num_levels, device.type)
     taus = opts.temperatures
     betas = opts.expert_strengths
     # The constants are rounded to float32 from double, as make_params does in C++.
-    triton_kernels.moe_kd_row_kernel[(num_rows,)](
+    grid = (_grid_size(num_rows, programs_per_sm, device),)
+    triton_kernels.moe_kd_row_kernel[grid](
         student, student.stride(0),
         teacher, teacher.stride(0), teacher.stride(1),
         target,
         loss, log_likelihood, agreement,
         grad, grad.stride(0),
-        num_classes, opts.ignore_index,
+        num_rows, num_classes, opts.ignore_index,
         tuple(float(t) for t in taus),
         tuple(1.0 / t for t in taus),
         tuple(float(b) for b in betas),
@@ -166,6 +191,36 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor,
         SINGLE_BLOCK=num_classes <= block,
         HAS_EXPERT=opts.expert_weight != 0.0,
         HAS_GATE=opts.gate_weight != 0.0,
+        KEEP="evict_last" if l2_hints else "",
+        LAST_USE="evict_first" if l2_hints else "",
         num_warps=num_warps,
     )
     return loss, log_likelihood, agreement, grad
+
+
+# Classes per program of the scaling pass: 16 bf16 values per thread at 4 warps,
+# two 16-byte accesses, and few programs per row even at C = 262144.
+SCALE_BLOCK = 2048
+MAX_GRID_Y = 65535
+
+
+def scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad[i, :] *= scale[i] in place; scale (N,), stride 0 allowed (one value for all rows).
+
+    Backward's pass over the saved gradient on the GPU: one read and one write of it
+    with wide accesses, the factor kept in float32 whatever the gradient's dtype.
+    benchmarks/gpu_check.py times it against PyTorch's ``mul_``.
+    """
+    num_rows, num_classes = grad.shape
+    if num_rows == 0 or num_classes == 0:
+        return grad
+    if grad.stride(1) != 1:
+        raise ValueError("scale_rows_ needs a gradient with contiguous rows")
+    scale = scale.to(torch.float32)
+    block = SCALE_BLOCK
+    while triton.cdiv(num_classes, block) > MAX_GRID_Y:
+        block *= 2
+    grid = (num_rows, triton.cdiv(num_classes, block))
+    triton_kernels.scale_rows_kernel[grid](grad, grad.stride(0), scale, scale.stride(0), num_classes,
+                                           BLOCK=block, num_warps=4)
+    return grad

@@ -29,13 +29,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_block(s_row, t_row, cols, num_classes, level_ok):
+def _load_block(s_row, t_row, cols, num_classes, level_ok, EVICT: tl.constexpr):
     """s (BLOCK,) and t_ℓ (LP, BLOCK) as float32; classes past C and padded levels read
-    as −inf, i.e. as masked classes, so they drop out of every sum."""
+    as −inf, i.e. as masked classes, so they drop out of every sum. EVICT is an L2
+    eviction policy ("" for none)."""
     col_ok = cols < num_classes
-    s = tl.load(s_row + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
+    s = tl.load(s_row + cols, mask=col_ok, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     t = tl.load(t_row + cols[None, :], mask=level_ok[:, None] & col_ok[None, :],
-                other=float("-inf")).to(tl.float32)
+                other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
     return s, t
 
 
@@ -148,141 +149,163 @@ def moe_kd_row_kernel(
     target_ptr,
     loss_ptr, log_likelihood_ptr, agreement_ptr,
     grad_ptr, grad_row_stride,
-    num_classes, ignore_index,
+    num_rows, num_classes, ignore_index,
     tau, inv_tau, beta, exp_beta, expm1_beta, level_weight,  # tuples of L floats
     gate_weight, expert_weight,                               # λ_g, λ_e
     L: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr,
+    KEEP: tl.constexpr, LAST_USE: tl.constexpr,  # L2 eviction policies, "" for none
 ):
-    # int64 row offsets: N·C can pass 2^31 elements.
-    row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + row * student_row_stride
-    grad_row = grad_ptr + row * grad_row_stride
     levels = tl.arange(0, LP)
     level_ok = levels < L
-    t_row = teacher_ptr + row * teacher_row_stride + levels.to(tl.int64)[:, None] * teacher_level_stride
+    level_offsets = levels.to(tl.int64)[:, None] * teacher_level_stride
     cols0 = tl.arange(0, BLOCK)
+    tau_v = _level_vector(tau, 1.0, L, LP)
+    inv_tau_v = _level_vector(inv_tau, 1.0, L, LP)
+    beta_v = _level_vector(beta, 0.0, L, LP)
+    exp_beta_v = _level_vector(exp_beta, 1.0, L, LP)
+    expm1_beta_v = _level_vector(expm1_beta, 0.0, L, LP)
+    w_v = _level_vector(level_weight, 0.0, L, LP)
 
-    y = tl.load(target_ptr + row).to(tl.int64)
-    if y == ignore_index:
-        # Ignored row: loss, stats and gradient are 0 (the gradient buffer is uninitialised).
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(log_likelihood_ptr + row, 0.0)
-        tl.store(agreement_ptr + row, 0.0)
-        zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
-        for start in range(0, num_classes, BLOCK):
-            cols = start + cols0
-            tl.store(grad_row + cols, zeros, mask=cols < num_classes)
-    else:
-        tau_v = _level_vector(tau, 1.0, L, LP)
-        inv_tau_v = _level_vector(inv_tau, 1.0, L, LP)
-        beta_v = _level_vector(beta, 0.0, L, LP)
-        exp_beta_v = _level_vector(exp_beta, 1.0, L, LP)
-        expm1_beta_v = _level_vector(expm1_beta, 0.0, L, LP)
-        w_v = _level_vector(level_weight, 0.0, L, LP)
+    # One row per program, or (a persistent grid) every num_programs-th row: fewer rows
+    # in flight keep each row in L2 between its three passes.
+    # An int64 row index: N·C can pass 2^31 elements.
+    for row in range(tl.program_id(0).to(tl.int64), num_rows, tl.num_programs(0)):
+        s_row = student_ptr + row * student_row_stride
+        grad_row = grad_ptr + row * grad_row_stride
+        t_row = teacher_ptr + row * teacher_row_stride + level_offsets
 
-        # ---- pass 1: log-sum-exp states of s, s/τ_ℓ, t_ℓ/τ_ℓ ----
-        if SINGLE_BLOCK:
-            s, t = _load_block(s_row, t_row, cols0, num_classes, level_ok)
-            m_s, z_s, z_q, m_t, z_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
-        else:
-            m_s = float("-inf")
-            z_s = 0.0
-            z_q = tl.zeros([LP], tl.float32)
-            m_t = tl.full([LP], float("-inf"), tl.float32)
-            z_t = tl.zeros([LP], tl.float32)
+        y = tl.load(target_ptr + row).to(tl.int64)
+        if y == ignore_index:
+            # Ignored row: loss, stats and gradient are 0 (the gradient buffer is uninitialised).
+            tl.store(loss_ptr + row, 0.0)
+            tl.store(log_likelihood_ptr + row, 0.0)
+            tl.store(agreement_ptr + row, 0.0)
+            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
             for start in range(0, num_classes, BLOCK):
                 cols = start + cols0
-                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
-                bm_s, bz_s, bz_q, bm_t, bz_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
-                # Merge the block's states into the row's: both move to the new maximum.
-                m_new = tl.maximum(m_s, bm_s)
-                z_s = z_s * _rescale(m_s, m_new, 1.0) + bz_s * _rescale(bm_s, m_new, 1.0)
-                if HAS_GATE:
-                    z_q = z_q * _rescale(m_s, m_new, inv_tau_v) + bz_q * _rescale(bm_s, m_new, inv_tau_v)
-                m_s = m_new
-                mt_new = tl.maximum(m_t, bm_t)
-                z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
-                m_t = mt_new
-        base_s = _finite_base(m_s)
-        log_zs = tl.log(z_s)                               # LSE(s) = base_s + log_zs
-        if HAS_GATE:
-            log_zq = tl.log(z_q)                           # log q_ℓc = (s_c − b_s)/τ_ℓ − log_zq_ℓ
+                tl.store(grad_row + cols, zeros, mask=cols < num_classes)
         else:
-            log_zq = tl.zeros([LP], tl.float32)            # q is not needed
-        base_t = _finite_base(m_t)
-        log_zt = tl.log(tl.where(level_ok, z_t, 1.0))      # π_ℓc = exp((t_ℓc − b_t)/τ_ℓ − log_zt_ℓ)
+            # ---- pass 1: log-sum-exp states of s, s/τ_ℓ, t_ℓ/τ_ℓ ----
+            if SINGLE_BLOCK:
+                s, t = _load_block(s_row, t_row, cols0, num_classes, level_ok, "")
+                m_s, z_s, z_q, m_t, z_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
+            else:
+                m_s = float("-inf")
+                z_s = 0.0
+                z_q = tl.zeros([LP], tl.float32)
+                m_t = tl.full([LP], float("-inf"), tl.float32)
+                z_t = tl.zeros([LP], tl.float32)
+                for start in range(0, num_classes, BLOCK):
+                    cols = start + cols0
+                    s, t = _load_block(s_row, t_row, cols, num_classes, level_ok, KEEP)
+                    bm_s, bz_s, bz_q, bm_t, bz_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
+                    # Merge the block's states into the row's: both move to the new maximum.
+                    m_new = tl.maximum(m_s, bm_s)
+                    z_s = z_s * _rescale(m_s, m_new, 1.0) + bz_s * _rescale(bm_s, m_new, 1.0)
+                    if HAS_GATE:
+                        z_q = z_q * _rescale(m_s, m_new, inv_tau_v) + bz_q * _rescale(bm_s, m_new, inv_tau_v)
+                    m_s = m_new
+                    mt_new = tl.maximum(m_t, bm_t)
+                    z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
+                    m_t = mt_new
+            base_s = _finite_base(m_s)
+            log_zs = tl.log(z_s)                               # LSE(s) = base_s + log_zs
+            if HAS_GATE:
+                log_zq = tl.log(z_q)                           # log q_ℓc = (s_c − b_s)/τ_ℓ − log_zq_ℓ
+            else:
+                log_zq = tl.zeros([LP], tl.float32)            # q is not needed
+            base_t = _finite_base(m_t)
+            log_zt = tl.log(tl.where(level_ok, z_t, 1.0))      # π_ℓc = exp((t_ℓc − b_t)/τ_ℓ − log_zt_ℓ)
 
-        # ---- pass 2: u-sums ----
-        if SINGLE_BLOCK:
-            # The row is in registers: these terms serve pass 3 as well.
-            sigma, D, inv_D, u, log_q = _block_u(
-                s, t, cols0 == y, log_zs, base_s, log_zq, base_t, log_zt,
-                inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-            G, u_over_D, u_log_D, u_level, u_log_q = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
-        else:
-            G = 0.0
-            u_over_D = 0.0
-            u_log_D = 0.0
-            u_level = tl.zeros([LP], tl.float32)
-            u_log_q = tl.zeros([LP], tl.float32)
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
+            # ---- pass 2: u-sums ----
+            if SINGLE_BLOCK:
+                # The row is in registers: these terms serve pass 3 as well.
                 sigma, D, inv_D, u, log_q = _block_u(
-                    s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
+                    s, t, cols0 == y, log_zs, base_s, log_zq, base_t, log_zt,
                     inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
-                G += bG
-                u_over_D += bD
-                u_log_D += blogD
-                u_level += bl
-                u_log_q += blogq
+                G, u_over_D, u_log_D, u_level, u_log_q = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+            else:
+                G = 0.0
+                u_over_D = 0.0
+                u_log_D = 0.0
+                u_level = tl.zeros([LP], tl.float32)
+                u_log_q = tl.zeros([LP], tl.float32)
+                for start in range(0, num_classes, BLOCK):
+                    cols = start + cols0
+                    s, t = _load_block(s_row, t_row, cols, num_classes, level_ok, KEEP)
+                    sigma, D, inv_D, u, log_q = _block_u(
+                        s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
+                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                    bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+                    G += bG
+                    u_over_D += bD
+                    u_log_D += blogD
+                    u_level += bl
+                    u_log_q += blogq
 
-        # ---- loss and stats ----
-        # An out-of-range target is never loaded: its row becomes NaN through 1/G.
-        in_range = (y >= 0) & (y < num_classes)
-        y_safe = tl.where(in_range, y, 0)
-        log_sigma_y = (tl.load(s_row + y_safe).to(tl.float32) - base_s) - log_zs           # log σ_y
-        t_y = tl.load(t_row + y_safe, mask=level_ok[:, None], other=float("-inf")).to(tl.float32)
-        t_y = tl.sum(t_y, axis=1)                                                # (LP,): t_ℓy
-        pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
-        u_y = w_v * pi_y * exp_beta_v / (1.0 + expm1_beta_v * tl.exp(log_sigma_y))  # u_ℓy
-        inv_G = tl.where(in_range, 1.0 / G, float("nan"))
-        r_y = u_y * inv_G                                                        # r_ℓy
-        # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1)
-        expert_ll = log_sigma_y + tl.sum(beta_v * r_y, axis=0) - u_log_D * inv_G
-        gate_ce = tl.sum(tau_v * tau_v * u_log_q, axis=0) * inv_G              # Σ_ℓ τ² Σ_c r log q
-        # A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
-        loss = 0.0
-        if HAS_EXPERT:
-            loss -= expert_weight * expert_ll
-        if HAS_GATE:
-            loss -= gate_weight * gate_ce
-        nan_if_bad = tl.where(in_range, 0.0, float("nan"))
-        tl.store(loss_ptr + row, loss + nan_if_bad)
-        tl.store(log_likelihood_ptr + row, log_sigma_y + tl.log(G) + nan_if_bad)  # m
-        # a = Σ_ℓ r_ℓy. u_ℓy is recomputed here, outside G's sum, so when the
-        # teacher is certain of y rounding can put a an ulp above 1; cap it
-        # (a NaN fails the test and stays NaN).
-        agreement = tl.sum(u_y, axis=0) / G
-        agreement = tl.where(agreement > 1.0, 1.0, agreement)
-        tl.store(agreement_ptr + row, agreement + nan_if_bad)
-        A = u_over_D * inv_G                                                     # Σ r/D
-        R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
+            # ---- loss and stats ----
+            # An out-of-range target is never loaded: its row becomes NaN through 1/G.
+            in_range = (y >= 0) & (y < num_classes)
+            y_safe = tl.where(in_range, y, 0)
+            log_sigma_y = (tl.load(s_row + y_safe).to(tl.float32) - base_s) - log_zs           # log σ_y
+            t_y = tl.load(t_row + y_safe, mask=level_ok[:, None], other=float("-inf")).to(tl.float32)
+            t_y = tl.sum(t_y, axis=1)                                                # (LP,): t_ℓy
+            pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
+            u_y = w_v * pi_y * exp_beta_v / (1.0 + expm1_beta_v * tl.exp(log_sigma_y))  # u_ℓy
+            inv_G = tl.where(in_range, 1.0 / G, float("nan"))
+            r_y = u_y * inv_G                                                        # r_ℓy
+            # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1)
+            expert_ll = log_sigma_y + tl.sum(beta_v * r_y, axis=0) - u_log_D * inv_G
+            gate_ce = tl.sum(tau_v * tau_v * u_log_q, axis=0) * inv_G              # Σ_ℓ τ² Σ_c r log q
+            # A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
+            loss = 0.0
+            if HAS_EXPERT:
+                loss -= expert_weight * expert_ll
+            if HAS_GATE:
+                loss -= gate_weight * gate_ce
+            nan_if_bad = tl.where(in_range, 0.0, float("nan"))
+            tl.store(loss_ptr + row, loss + nan_if_bad)
+            tl.store(log_likelihood_ptr + row, log_sigma_y + tl.log(G) + nan_if_bad)  # m
+            # a = Σ_ℓ r_ℓy. u_ℓy is recomputed here, outside G's sum, so when the
+            # teacher is certain of y rounding can put a an ulp above 1; cap it
+            # (a NaN fails the test and stays NaN).
+            agreement = tl.sum(u_y, axis=0) / G
+            agreement = tl.where(agreement > 1.0, 1.0, agreement)
+            tl.store(agreement_ptr + row, agreement + nan_if_bad)
+            A = u_over_D * inv_G                                                     # Σ r/D
+            R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
 
-        # ---- pass 3: the gradient ----
-        if SINGLE_BLOCK:
-            grad = _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
-                               gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-            tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
-        else:
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
-                sigma, D, inv_D, u, log_q = _block_u(
-                    s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
-                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                grad = _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+            # ---- pass 3: the gradient ----
+            if SINGLE_BLOCK:
+                grad = _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
                                    gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+                tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
+            else:
+                for start in range(0, num_classes, BLOCK):
+                    cols = start + cols0
+                    s, t = _load_block(s_row, t_row, cols, num_classes, level_ok, LAST_USE)
+                    sigma, D, inv_D, u, log_q = _block_u(
+                        s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
+                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                    grad = _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+                                       gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes,
+                             eviction_policy=LAST_USE)
+
+
+@triton.jit
+def scale_rows_kernel(grad_ptr, grad_row_stride, scale_ptr, scale_stride, num_classes,
+                      BLOCK: tl.constexpr):
+    """grad[i, :] *= scale[i], in place, in float32: backward's only N×C pass.
+
+    Rows on grid axis 0 (up to 2^31 programs), class blocks on axis 1. A "mean"/"sum"
+    loss sends one value for every row: scale_stride = 0.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < num_classes
+    factor = tl.load(scale_ptr + row * scale_stride)
+    ptrs = grad_ptr + row * grad_row_stride + cols
+    g = tl.load(ptrs, mask=ok).to(tl.float32)
+    tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=ok)
