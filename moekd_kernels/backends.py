@@ -2,11 +2,13 @@
 
 Every backend implements the same contract (see ``reference.reference_forward``):
 
-    forward(student (N, C), teacher (L, N, C), target (N,), opts)
+    forward(student (N, C), teacher (L, N, C), target (N,), opts, grad_scale=None)
         -> (loss (N,), log_likelihood (N,), agreement (N,), grad (N, C))
 
 ``loss`` and the stats are float32 (float64 for float64 student logits), and
-``grad`` a new buffer in the student's dtype. Kernel modules are imported
+``grad`` a new buffer in the student's dtype: the gradient of the per-row loss
+times ``grad_scale``, a 0-dim tensor on the student's device (None = 1) that a
+kernel reads on the device and applies before rounding to that dtype. Kernel modules are imported
 lazily, so a missing compiler or Triton only matters to the backend that needs it.
 """
 

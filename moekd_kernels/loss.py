@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
-from .ops import moe_kd_rows
+from .ops import moe_kd_loss
 from .options import (
     PerLevel,
     check_reduction,
@@ -85,7 +85,7 @@ def fused_moe_kd_loss(
     check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
     chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels)
 
-    loss_rows, log_likelihood, agreement, _ = moe_kd_rows(
+    loss, log_likelihood, agreement, _ = moe_kd_loss(
         student_2d,
         teacher_3d.detach(),
         target_1d,
@@ -96,16 +96,10 @@ def fused_moe_kd_loss(
         opts.expert_weight,
         opts.ignore_index,
         chosen,
+        reduction,
     )
-
     if reduction == "none":
-        loss = loss_rows.reshape(target.shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        # The divisor stays on the device (no host sync); 0 rows → 0 / 1 = 0.
-        num_valid = (target_1d != opts.ignore_index).sum().clamp_min(1)
-        loss = loss_rows.sum() / num_valid.to(loss_rows.dtype)
+        loss = loss.reshape(target.shape)
 
     if not return_stats:
         return loss

@@ -1,9 +1,9 @@
 """The registered op and its autograd: the glue every backend goes through.
 
-``moekd_kernels::moe_kd_rows`` is an opaque ``torch.library.custom_op``: it
+``moekd_kernels::moe_kd_loss`` is an opaque ``torch.library.custom_op``: it
 calls the chosen backend, which returns the per-row loss, the two per-row
-stats and the gradient of the per-row loss, computed in the forward pass.
-A fake (meta) implementation gives torch.compile the output shapes, so a
+stats and the gradient, computed in the forward pass; the op then reduces the
+loss. A fake (meta) implementation gives torch.compile the output shapes, so a
 compiled training step keeps the whole call in one graph whatever the
 backend (C++, CUDA or Triton) does inside.
 
@@ -15,14 +15,16 @@ nothing here: Inductor does not fuse a user kernel with its neighbours, and the
 kernel runs for milliseconds at the sizes that matter against microseconds of
 dispatch. The Triton launch has no host sync and allocates with torch.empty.
 
-Backward only scales the saved gradient by the incoming per-row gradient.
-The reduction ("mean", "sum") is plain PyTorch on the per-row loss outside
-the op, so its autograd turns into that per-row scale.
+Why the op reduces the loss itself: the gradient it saves is then already the
+gradient of the returned loss ("mean" passes 1/n_valid, a device scalar, into
+the kernel), so backward only scales it by grad_output, and skips that N×C
+pass where grad_output is 1, as it is for ``loss.backward()``. The check runs
+on the device (the GPU scaling kernel returns early), never as a host sync.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,8 +34,8 @@ from .options import MoEKDOptions
 from .reference import accumulation_dtype
 
 
-@torch.library.custom_op("moekd_kernels::moe_kd_rows", mutates_args=())
-def moe_kd_rows(
+@torch.library.custom_op("moekd_kernels::moe_kd_loss", mutates_args=())
+def moe_kd_loss(
     student: Tensor,
     teacher: Tensor,
     target: Tensor,
@@ -44,19 +46,36 @@ def moe_kd_rows(
     expert_weight: float,
     ignore_index: int,
     backend: str,
+    reduction: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad)."""
+    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood (N,), agreement (N,), grad).
+
+    ``loss`` is reduced as ``reduction`` says (0-dim for "mean"/"sum", (N,) for "none"),
+    and ``grad`` (N, C) is its gradient with respect to ``student``.
+    """
     opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
                         gate_weight, expert_weight, ignore_index)
-    return BACKENDS[backend].forward(student, teacher, target, opts)
+    num_valid: Optional[Tensor] = None
+    grad_scale: Optional[Tensor] = None
+    if reduction == "mean":
+        # On the device: no host sync. 0 valid rows → 0 / 1 = 0, never NaN.
+        num_valid = (target != ignore_index).sum().clamp_min(1)
+        grad_scale = 1.0 / num_valid.to(accumulation_dtype(student.dtype))
+    loss, log_likelihood, agreement, grad = BACKENDS[backend].forward(student, teacher, target, opts,
+                                                                      grad_scale)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / num_valid.to(loss.dtype)
+    return loss, log_likelihood, agreement, grad
 
 
-@moe_kd_rows.register_fake
-def _moe_kd_rows_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
-                      gate_weight, expert_weight, ignore_index, backend):
+@moe_kd_loss.register_fake
+def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
+                      gate_weight, expert_weight, ignore_index, backend, reduction):
     num_rows = student.shape[0]
     acc = accumulation_dtype(student.dtype)
-    loss = student.new_empty((num_rows,), dtype=acc)
+    loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=acc)
     log_likelihood = student.new_empty((num_rows,), dtype=acc)
     agreement = student.new_empty((num_rows,), dtype=acc)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
@@ -72,17 +91,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     (grad,) = ctx.saved_tensors
+    # One factor per row: a 0-dim grad_loss ("mean"/"sum") is broadcast, stride 0.
+    per_row = grad_loss.expand(grad.shape[0])
     if torch.compiler.is_compiling():
         # AOTAutograd functionalises backward anyway (and rejects mutating a
         # buffer the graph may also return), so write the plain product.
-        return (grad * grad_loss.unsqueeze(-1),) + (None,) * 9
+        return (grad * per_row.unsqueeze(-1).to(grad.dtype),) + (None,) * 10
     # Scaling in place keeps one N×C buffer alive instead of two. The version
     # counter then makes a second backward through the same graph raise
     # PyTorch's usual "modified by an inplace operation" error instead of
     # returning a twice-scaled gradient.
-    return (_scale_rows_(grad, grad_loss),) + (None,) * 9
+    return (_scale_rows_(grad, per_row),) + (None,) * 10
 
 
 # Rows per block when a low-precision gradient is scaled on the CPU (about 1M elements).
@@ -90,13 +111,16 @@ _CPU_BLOCK_ELEMENTS = 1 << 20
 
 
 def _scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
-    """grad[i, :] *= scale[i], in place, with no N×C temporaries."""
+    """grad[i, :] *= scale[i], in place, with no N×C temporaries; rows whose factor is 1
+    are left untouched."""
     if scale.numel() == 0:
         return grad
     if grad.device.type == "cuda" and BACKENDS["triton"].unavailable_reason("cuda") is None:
         from .triton_backend import scale_rows_
 
         return scale_rows_(grad, scale)
+    if grad.device.type == "cpu" and bool((scale == 1).all()):  # a host tensor: no sync
+        return grad
     if scale.stride(0) == 0:
         # "mean"/"sum": one value broadcast to every row. A 0-dim factor keeps the
         # product in one pass, in float32 arithmetic on the CPU, for any gradient dtype.
@@ -112,4 +136,4 @@ def _scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
     return grad
 
 
-moe_kd_rows.register_autograd(_backward, setup_context=_setup_context)
+moe_kd_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -18,7 +18,7 @@ inputs stay float64 (the tests hold this to a float64 oracle).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -125,17 +125,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reference_forward(student: Tensor, teacher: Tensor, target: Tensor,
-                      opts: MoEKDOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def reference_forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
+                      grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backend contract: (loss, log_likelihood, agreement, grad) per row.
 
     student (N, C), teacher (L, N, C), target (N,). ``grad`` is the SPEC closed
-    form in a new buffer of the student's dtype.
+    form times ``grad_scale`` (a 0-dim tensor on the student's device; None = 1),
+    in a new buffer of the student's dtype.
     """
     acc = accumulation_dtype(student.dtype)
     with torch.no_grad():
         rows = _moe_kd_rows(student.to(acc), teacher, target, opts, closed_form_grad=True)
-    return rows.loss, rows.log_likelihood, rows.agreement, rows.grad.to(student.dtype)
+        grad = rows.grad if grad_scale is None else rows.grad * grad_scale.to(acc)
+    return rows.loss, rows.log_likelihood, rows.agreement, grad.to(student.dtype)
 
 
 def reference_loss_autograd(student: Tensor, teacher: Tensor, target: Tensor,

@@ -144,8 +144,8 @@ def _check(student: Tensor, teacher: Tensor, target: Tensor) -> None:
         )
 
 
-def forward(student: Tensor, teacher: Tensor, target: Tensor,
-            opts: MoEKDOptions) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
+            grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch."""
     _check(student, teacher, target)
     num_rows, num_classes = student.shape
@@ -177,6 +177,7 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor,
         target,
         loss, log_likelihood, agreement,
         grad, grad.stride(0),
+        grad if grad_scale is None else grad_scale.to(torch.float32),  # any pointer when unused
         num_rows, num_classes, opts.ignore_index,
         tuple(float(t) for t in taus),
         tuple(1.0 / t for t in taus),
@@ -191,6 +192,7 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor,
         SINGLE_BLOCK=num_classes <= block,
         HAS_EXPERT=opts.expert_weight != 0.0,
         HAS_GATE=opts.gate_weight != 0.0,
+        HAS_GRAD_SCALE=grad_scale is not None,
         KEEP="evict_last" if l2_hints else "",
         LAST_USE="evict_first" if l2_hints else "",
         num_warps=num_warps,
@@ -206,6 +208,7 @@ MAX_GRID_Y = 65535
 
 def scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
     """grad[i, :] *= scale[i] in place; scale (N,), stride 0 allowed (one value for all rows).
+    A row whose factor is 1 is not touched: its program returns after reading the factor.
 
     Backward's pass over the saved gradient on the GPU: one read and one write of it
     with wide accesses, the factor kept in float32 whatever the gradient's dtype.

@@ -149,11 +149,12 @@ def moe_kd_row_kernel(
     target_ptr,
     loss_ptr, log_likelihood_ptr, agreement_ptr,
     grad_ptr, grad_row_stride,
+    grad_scale_ptr,                                           # the gradient's factor (device scalar)
     num_rows, num_classes, ignore_index,
     tau, inv_tau, beta, exp_beta, expm1_beta, level_weight,  # tuples of L floats
     gate_weight, expert_weight,                               # λ_g, λ_e
     L: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     KEEP: tl.constexpr, LAST_USE: tl.constexpr,  # L2 eviction policies, "" for none
 ):
     levels = tl.arange(0, LP)
@@ -166,6 +167,11 @@ def moe_kd_row_kernel(
     exp_beta_v = _level_vector(exp_beta, 1.0, L, LP)
     expm1_beta_v = _level_vector(expm1_beta, 0.0, L, LP)
     w_v = _level_vector(level_weight, 0.0, L, LP)
+    # "mean" folds 1/n_valid into the gradient here, so backward can skip its pass.
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    else:
+        grad_scale = 1.0
 
     # One row per program, or (a persistent grid) every num_programs-th row: fewer rows
     # in flight keep each row in L2 between its three passes.
@@ -278,8 +284,8 @@ def moe_kd_row_kernel(
 
             # ---- pass 3: the gradient ----
             if SINGLE_BLOCK:
-                grad = _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
-                                   gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
+                                                gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                 tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
             else:
                 for start in range(0, num_classes, BLOCK):
@@ -288,8 +294,8 @@ def moe_kd_row_kernel(
                     sigma, D, inv_D, u, log_q = _block_u(
                         s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
                         inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                    grad = _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
-                                       gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+                                                    gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                     tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes,
                              eviction_policy=LAST_USE)
 
@@ -303,9 +309,11 @@ def scale_rows_kernel(grad_ptr, grad_row_stride, scale_ptr, scale_stride, num_cl
     loss sends one value for every row: scale_stride = 0.
     """
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < num_classes
     factor = tl.load(scale_ptr + row * scale_stride)
-    ptrs = grad_ptr + row * grad_row_stride + cols
-    g = tl.load(ptrs, mask=ok).to(tl.float32)
-    tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=ok)
+    # grad_output = 1 (loss.backward() of the op's own reduction): nothing to read or write.
+    if factor != 1.0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < num_classes
+        ptrs = grad_ptr + row * grad_row_stride + cols
+        g = tl.load(ptrs, mask=ok).to(tl.float32)
+        tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=ok)

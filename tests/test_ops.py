@@ -17,7 +17,7 @@ from torch import nn
 
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels.backends import BACKENDS
-from moekd_kernels.ops import moe_kd_rows
+from moekd_kernels.ops import moe_kd_loss
 from oracle import rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -126,28 +126,30 @@ def _per_row(backend, reduction):
     return fn
 
 
+@pytest.mark.parametrize("factor", [1.0, 2.0])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_second_backward_is_never_silently_rescaled(case, compiled):
-    """The glue scales the saved gradient in place: eager autograd must refuse a
-    second backward; a compiled graph (functionalised backward) may instead
-    return the right gradient again — never a twice-scaled one."""
+def test_second_backward_is_never_silently_rescaled(case, compiled, factor):
+    """The glue scales the saved gradient in place unless grad_output is 1. Eager autograd
+    must then refuse a second backward (factor 2) or, with nothing scaled (factor 1),
+    accumulate the right gradient again; a compiled graph (functionalised backward) may
+    return the right gradient again. Never a twice-scaled one."""
     backend, device = case
     fn = _per_row(backend, "mean")
     if compiled:
         fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
     _, teacher, target = _batch(8, device)
     student = _student_logits(device)
-    loss = fn(student, teacher, target)
+    loss = factor * fn(student, teacher, target) if factor != 1.0 else fn(student, teacher, target)
     loss.backward(retain_graph=True)
     first = student.grad.clone()
-    if not compiled:
+    if not compiled and factor != 1.0:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
         return
     try:
         loss.backward()
     except RuntimeError as exc:
-        assert "inplace" in str(exc)
+        assert compiled and "inplace" in str(exc)
     else:
         assert rel_err(student.grad, 2 * first) <= 1e-6
 
@@ -185,15 +187,35 @@ def test_reduction_none_scales_each_row_by_its_grad_output(case, compiled):
     assert (student.grad[3] == 0).all() and (unweighted[target == -100] == 0).all()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_fake_implementation_agrees_with_the_kernels(dtype):
+def test_fake_implementation_agrees_with_the_kernels(dtype, reduction):
     """Schema, autograd registration and fake tensors, checked by torch.library.opcheck."""
     student = torch.randn(5, 7, dtype=dtype, requires_grad=True)
     args = (student, torch.randn(2, 5, 7), torch.tensor([0, 1, -100, 3, 6]), [2.0, 3.0], [1.0, 2.0],
-            [0.5, 0.5], 1.0, 1.0, -100, "reference")
+            [0.5, 0.5], 1.0, 1.0, -100, "reference", reduction)
     results = torch.library.opcheck(
-        moe_kd_rows, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        moe_kd_loss, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     assert set(results.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_saved_gradient_is_the_gradient_of_the_returned_loss(case, reduction):
+    """The op's gradient output is already d(loss)/d(student) for its reduction ("mean"
+    folds 1/n_valid into the kernel), so loss.backward() leaves it as it is."""
+    backend, device = case
+    _, teacher, target = _batch(8, device)
+    student = torch.randn(8, 10, device=device)
+    leaf = student.clone().requires_grad_(True)
+    loss, _, _, raw = moe_kd_loss(leaf, teacher, target, [2.0, 3.0], [1.0, 2.5], [0.25, 0.75], 0.7, 1.2,
+                                  -100, backend, reduction)
+    assert loss.shape == ((8,) if reduction == "none" else ())
+    (loss.sum() if reduction == "none" else loss).backward()
+    assert torch.equal(leaf.grad, raw)
+    per_row = fused_moe_kd_loss(student, teacher, target, reduction="none", backend="reference", **OPTIONS)
+    num_valid = int((target != -100).sum())
+    expected_loss = {"none": per_row, "sum": per_row.sum(), "mean": per_row.sum() / num_valid}[reduction]
+    assert rel_err(loss.detach(), expected_loss.detach()) <= 1e-6
 
 
 def test_compiled_graph_may_return_the_raw_gradient_output():
@@ -201,12 +223,12 @@ def test_compiled_graph_may_return_the_raw_gradient_output():
     teacher, target = torch.randn(2, 5, 7), torch.tensor([0, 1, -100, 3, 6])
 
     def fn(student):
-        loss, _, _, grad = moe_kd_rows(student, teacher, target, [2.0, 3.0], [1.0, 2.0], [0.5, 0.5],
-                                       1.0, 1.0, -100, "reference")
-        return loss.sum(), grad
+        loss, _, _, grad = moe_kd_loss(student, teacher, target, [2.0, 3.0], [1.0, 2.0], [0.5, 0.5],
+                                       1.0, 1.0, -100, "reference", "sum")
+        return loss, grad
 
     student = torch.randn(5, 7, requires_grad=True)
     loss, raw_grad = torch.compile(fn, fullgraph=True, backend="aot_eager")(student)
     loss.backward()
-    # The returned buffer is the per-row gradient; backward scaled by 1 gives the same.
+    # The returned buffer is the gradient of the summed loss; backward scaled by 1 gives the same.
     torch.testing.assert_close(student.grad, raw_grad.detach(), rtol=0, atol=0)

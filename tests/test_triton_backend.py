@@ -366,6 +366,7 @@ def test_scale_rows_in_place_in_float32(dtype, per_row):
     before = grad.clone()
     if per_row:
         scale = torch.rand(rows, device=DEVICE) * 3 - 1
+        scale[1] = 1.0  # a factor of 1 leaves its row as it is (the kernel skips it)
     else:
         scale = torch.tensor(1 / 3, device=DEVICE).expand(rows)
     out = triton_backend.scale_rows_(grad, scale)
@@ -378,3 +379,22 @@ def test_scale_rows_in_place_in_float32(dtype, per_row):
     else:
         # Exact: a factor rounded to fp16 first would change some of these.
         assert torch.equal(grad, product.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scale_multiplies_the_gradient_in_float32(dtype):
+    """forward(..., grad_scale) is how "mean" folds 1/n_valid into the kernel: the gradient
+    times the factor (before rounding), loss and stats unchanged, ignored rows still 0."""
+    case = make_case(6, 300, 2, dtype=dtype, device=DEVICE, seed=11, ignore_frac=0.3)
+    opts = _opts(2)
+    teacher = case.teacher if case.teacher.dim() == 3 else case.teacher.unsqueeze(0)
+    plain = triton_backend.forward(case.student, teacher, case.target, opts)
+    factor = torch.tensor(1 / 7, device=DEVICE)
+    scaled = triton_backend.forward(case.student, teacher, case.target, opts, factor)
+    for a, b in zip(plain[:3], scaled[:3]):
+        assert torch.equal(a, b)
+    expected = _check_rows(plain, case, 3e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert expected is not None
+    ref = triton_backend.forward(case.student.float(), teacher.float(), case.target, opts)[3]
+    torch.testing.assert_close(scaled[3].float(), (ref * factor).to(dtype).float(), rtol=2.0 ** -7, atol=1e-12)
+    assert (scaled[3][case.target == -100] == 0).all()
