@@ -12,8 +12,9 @@ Sections, each case guarded so that one failure is logged and the rest still run
    ``moekd_kernels.reference`` (itself held to the naive float64 oracle by the tests):
    fp32/bf16/fp16, C up to 262144, L = 1 and 3, ignored rows, a few dozen rows per case;
 3. device-to-device copy bandwidth (bytes read + written);
-4. a breakdown of one fused step: forward alone, forward + backward, and backward's
-   scaling pass alone (this package's kernel against PyTorch's ``mul_``);
+4. a breakdown of one fused step: forward alone, forward + backward (grad_output 1,
+   when backward has nothing to scale, and 2), and backward's scaling pass alone (this
+   package's kernel against PyTorch's ``mul_``);
 5. with ``--sweep``, before the timing: a sweep of the launch table of every backend module
    that has a ``launch_config(num_classes, num_levels, device_type) -> tuple`` function, which
    its ``forward`` looks up as a module global (the sweep replaces it, one forced config at
@@ -432,10 +433,14 @@ def section_breakdown(rep, torch, B, device, backends, args):
             def forward_only(backend=backend):
                 return fused_moe_kd_loss(leaf, teacher, target, backend=backend, **B.DEFAULT_OPTIONS)
             t_fwd = B.time_fn(forward_only, device, warmup=2, target_s=0.2).median_s
-            t_step = B.time_fn(B.make_step(B.package_loss(backend), student, teacher, target), device,
+            loss_fn = B.package_loss(backend)
+            t_step = B.time_fn(B.make_step(loss_fn, student, teacher, target), device,
                                warmup=2, target_s=0.2).median_s
+            # grad_output 2 (a weighted loss, a GradScaler): backward's scaling pass runs.
+            t_step2 = B.time_fn(B.make_step(lambda *a, **k: 2.0 * loss_fn(*a, **k), student, teacher, target),
+                                device, warmup=2, target_s=0.2).median_s
             row = {"backend": backend, "rows": shape.rows, "classes": shape.classes, "dtype": dtype_name,
-                   "forward_ms": t_fwd * 1e3, "step_ms": t_step * 1e3,
+                   "forward_ms": t_fwd * 1e3, "step_ms": t_step * 1e3, "step_grad_output_2_ms": t_step2 * 1e3,
                    "forward_gbps": B.gb_per_s(num_bytes, t_fwd)}
             if backend == "cuda":
                 try:
@@ -445,7 +450,8 @@ def section_breakdown(rep, torch, B, device, backends, args):
                     row["plan"] = f"n/a ({exc})"
             shape_rows.append(row)
             rep.log(f"breakdown {backend} {dtype_name} {shape.label}: forward {t_fwd * 1e3:.3f} ms "
-                    f"({B.format_gbps(row['forward_gbps'])} GB/s), forward+backward {t_step * 1e3:.3f} ms"
+                    f"({B.format_gbps(row['forward_gbps'])} GB/s), forward+backward {t_step * 1e3:.3f} ms, "
+                    f"with grad_output 2 {t_step2 * 1e3:.3f} ms"
                     + (f"; plan: {row['plan']}" if "plan" in row else ""))
         del leaf
         if "triton" in backends:
@@ -456,19 +462,23 @@ def section_breakdown(rep, torch, B, device, backends, args):
             per_row = factor.expand(shape.rows)
             t_kernel = B.time_fn(lambda: scale_rows_(g, per_row), device, warmup=2, target_s=0.2).median_s
             t_torch = B.time_fn(lambda: g.mul_(factor), device, warmup=2, target_s=0.2).median_s
+            ones = torch.ones((), device=device).expand(shape.rows)
+            t_skip = B.time_fn(lambda: scale_rows_(g, ones), device, warmup=2, target_s=0.2).median_s
             sample = g[:4].clone()
             exact = (sample.float() * factor).to(dtype)
             torch_result = sample.clone().mul_(factor)
             mismatch = int((torch_result != exact).sum())
             row = {"backend": "backward scale pass", "rows": shape.rows, "classes": shape.classes,
                    "dtype": dtype_name, "scale_rows_ms": t_kernel * 1e3, "torch_mul_ms": t_torch * 1e3,
+                   "scale_rows_factor_1_ms": t_skip * 1e3,
                    "scale_rows_gbps": B.gb_per_s(grad_bytes, t_kernel),
                    "torch_mul_gbps": B.gb_per_s(grad_bytes, t_torch),
                    "torch_mul_mismatches_vs_float32_factor": f"{mismatch}/{sample.numel()}"}
             shape_rows.append(row)
             rep.log(f"breakdown scale pass {dtype_name} {shape.label}: scale_rows_ {t_kernel * 1e3:.3f} ms "
                     f"({B.format_gbps(row['scale_rows_gbps'])} GB/s), torch mul_ {t_torch * 1e3:.3f} ms "
-                    f"({B.format_gbps(row['torch_mul_gbps'])} GB/s); torch mul_ differs from the float32-factor "
+                    f"({B.format_gbps(row['torch_mul_gbps'])} GB/s), scale_rows_ by 1 (skipped) "
+                    f"{t_skip * 1e3:.3f} ms; torch mul_ differs from the float32-factor "
                     f"product in {mismatch}/{sample.numel()} elements")
             del g
         student = teacher = target = None
@@ -629,15 +639,17 @@ def sweep_table(B, rows):
 
 
 def breakdown_table(rows):
-    lines = ["| what | dtype | N | C | forward ms | fwd+bwd ms | scale_rows_ ms | torch mul_ ms | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| what | dtype | N | C | forward ms | fwd+bwd ms | fwd+bwd ms, grad_output 2 | scale_rows_ ms | "
+             "torch mul_ ms | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "step_ms" in r:
             lines.append(f"| {r['backend']} | {r['dtype']} | {r['rows']} | {r['classes']} | {r['forward_ms']:.3f} | "
-                         f"{r['step_ms']:.3f} | | | {r.get('plan', '')} |")
+                         f"{r['step_ms']:.3f} | {r['step_grad_output_2_ms']:.3f} | | | {r.get('plan', '')} |")
         else:
-            lines.append(f"| {r['backend']} | {r['dtype']} | {r['rows']} | {r['classes']} | | | "
-                         f"{r['scale_rows_ms']:.3f} | {r['torch_mul_ms']:.3f} | mul_ differs from the float32 "
+            lines.append(f"| {r['backend']} | {r['dtype']} | {r['rows']} | {r['classes']} | | | | "
+                         f"{r['scale_rows_ms']:.3f} | {r['torch_mul_ms']:.3f} | scale_rows_ by 1: "
+                         f"{r['scale_rows_factor_1_ms']:.3f} ms; mul_ differs from the float32 "
                          f"factor in {r['torch_mul_mismatches_vs_float32_factor']} |")
     return "\n".join(lines)
 
