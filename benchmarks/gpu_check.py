@@ -501,14 +501,14 @@ def forced_launch_config(module, config):
 
 
 def _loss_and_grad(torch, backend, inputs):
-    """Per-row loss and the gradient of their sum, through the public API."""
+    """The mean loss and its gradient through the public API (the timed path: same compiles)."""
     from moekd_kernels import fused_moe_kd_loss
     from moekd_kernels.benchmarking import DEFAULT_OPTIONS
 
     student, teacher, target = inputs
     leaf = student.detach().requires_grad_(True)
-    loss = fused_moe_kd_loss(leaf, teacher, target, reduction="none", backend=backend, **DEFAULT_OPTIONS)
-    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    loss = fused_moe_kd_loss(leaf, teacher, target, backend=backend, **DEFAULT_OPTIONS)
+    (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), grad
 
 
@@ -542,7 +542,7 @@ def section_sweep(rep, torch, B, device, backends, args):
     if args.tiny:
         shapes, dtypes = [B.Shape(2, 40)], ["fp32"]
     else:
-        shapes = [B.Shape(16384, 4096), B.Shape(16384, 32768), B.Shape(16384, 131072), B.Shape(4096, 131072, 3)]
+        shapes = [B.Shape(16384, 4096), B.Shape(16384, 32768), B.Shape(16384, 131072)]
         dtypes = ["bf16"]
     rows_out, winners = [], {}
     for backend in backends:

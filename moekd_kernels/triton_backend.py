@@ -59,10 +59,11 @@ TILES = {"cuda": Tiles(single=8192, loop=4096, loop_block=1024),
          "cpu": Tiles(single=16384, loop=16384, loop_block=16384)}
 MIN_BLOCK = 16
 
-# Candidates for benchmarks/gpu_check.py --sweep (block, num_warps, programs_per_sm, l2_hints).
-SWEEP_SPACE = [(1024, 4, 0, True), (1024, 4, 2, True), (1024, 4, 4, True), (1024, 4, 4, False),
-               (1024, 8, 2, True), (2048, 8, 1, True), (2048, 8, 2, True), (4096, 16, 1, True),
-               (4096, 8, 0, False), (4096, 4, 4, False), (4096, 4, 8, False)]
+# Candidates for benchmarks/gpu_check.py --sweep (block, num_warps, programs_per_sm, l2_hints):
+# L2 hints alone; persistent grids small enough that the rows in flight may stay in
+# L2 between passes; and, for rows that fit one block, warps and persistence.
+SWEEP_SPACE = [(1024, 4, 0, True), (1024, 4, 4, True), (2048, 8, 2, True), (4096, 8, 2, True),
+               (4096, 16, 1, True), (4096, 8, 0, False), (4096, 4, 4, False), (4096, 4, 8, False)]
 
 
 def _next_pow2(n: int) -> int:
