@@ -81,8 +81,12 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-            opts: MoEKDOptions):
-    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad)."""
+            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None):
+    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
+
+    grad is ``grad_scale`` · ∂loss/∂s (None: 1), scaled in float before the rounding to the
+    student's dtype; a 0-dim CPU tensor, so reading it here is no device sync.
+    """
     # Precomputed teacher logits are often float64: the kernel reads them as they are, without a copy.
     check_kernel_inputs("cpu", student, teacher, KERNEL_DTYPES + (torch.float64,))
     extension, failure = _load()
@@ -92,6 +96,6 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
         float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        torch.get_num_threads(),
+        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale),
     )
     return loss, log_likelihood, agreement, grad

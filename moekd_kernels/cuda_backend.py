@@ -111,8 +111,12 @@ def _path_code(name: str) -> int:
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-            opts: MoEKDOptions):
-    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad)."""
+            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None):
+    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
+
+    grad is ``grad_scale`` · ∂loss/∂s (None: 1). grad_scale is a one-element tensor on the
+    student's device; the kernel reads it there, so it is never copied to the host (no sync).
+    """
     check_kernel_inputs("cuda", student, teacher)
     extension, failure = _load()
     if extension is None:
@@ -120,11 +124,13 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
     stream = torch.cuda.current_stream(student.device).cuda_stream
     # A module global looked up per call: the benchmark sweep replaces it.
     path, prefetch = launch_config(student.shape[1], teacher.shape[0], student.device.type)
+    if grad_scale is not None and grad_scale.dtype != torch.float32:
+        grad_scale = grad_scale.to(torch.float32)  # on the device: no sync
     loss, log_likelihood, agreement, grad = extension.forward(
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
         float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        int(stream), _path_code(path), int(prefetch),
+        int(stream), _path_code(path), int(prefetch), grad_scale,
     )
     return loss, log_likelihood, agreement, grad
 

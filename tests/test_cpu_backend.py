@@ -96,6 +96,66 @@ def test_mean_reduction_and_scaled_loss():
     assert rel_err(student.grad, 2 * ref_student.grad) <= 1e-5
 
 
+def _options(num_levels, **options):
+    return resolve_options(num_levels, **{"temperature": 4.0, "expert_strength": 2.0, "level_weights": None,
+                                          "gate_weight": 1.0, "expert_weight": 1.0, "ignore_index": -100,
+                                          **options})
+
+
+@pytest.mark.parametrize("scale", [1 / 7, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_classes, num_levels", [(1, 1), (53, 3), (1000, 2)])
+def test_grad_scale_multiplies_the_gradient_only(scale, dtype, num_classes, num_levels):
+    """forward(..., grad_scale=w): grad = w · ∂loss/∂s (the mean reduction's 1/n folded into
+    the kernel); loss and stats unscaled; ignored rows exactly 0."""
+    options = dict(temperature=[0.7, 2.0, 6.0][:num_levels], expert_strength=[0.5, 1.5, 9.0][:num_levels],
+                   gate_weight=0.6, expert_weight=1.3)
+    case = make_case(9, num_classes, num_levels, dtype=dtype, seed=num_classes, ignore_frac=0.3, **options)
+    case.target[2] = -100
+    s, t, y = flatten_inputs(case.student, case.teacher, case.target)
+    w = torch.tensor(scale, dtype=torch.float32)
+    loss, ll, agreement, grad = cpu_backend.forward(s, t, y, _options(num_levels, **options), grad_scale=w)
+    exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(case)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert grad.dtype == dtype
+    assert rel_err(grad, exp_grad * float(w)) <= tol
+    for got, want in ((loss, exp_loss), (ll, exp_ll), (agreement, exp_agree)):
+        assert rel_err(got, want) <= tol
+    assert (grad[y == -100] == 0).all()
+
+
+def test_grad_scale_is_applied_in_float_before_the_rounding():
+    """A bf16 student whose values a float32 student shares gives the same float gradient;
+    the bf16 one must be that, times w, rounded once: not the rounded gradient times w."""
+    case = make_case(6, 203, 2, dtype=torch.bfloat16, teacher_dtype=torch.float32, seed=21)
+    s, t, y = flatten_inputs(case.student, case.teacher, case.target)
+    opts, w = _options(2), torch.tensor(1 / 7)
+    *_, grad16 = cpu_backend.forward(s, t, y, opts, grad_scale=w)
+    *_, grad32 = cpu_backend.forward(s.float(), t, y, opts, grad_scale=w)
+    *_, unscaled16 = cpu_backend.forward(s, t, y, opts)
+    assert torch.equal(grad16, grad32.to(torch.bfloat16))
+    assert not torch.equal(grad16, (unscaled16.float() * w).to(torch.bfloat16))
+
+
+def test_grad_scale_edge_values():
+    """w = 1 is the unscaled gradient bit for bit; rows whose target is ignored stay 0 and
+    out-of-range rows NaN whatever w is (inf, the 1/0 of a batch with no valid row)."""
+    case = make_case(6, 40, 1, seed=14, ignore_frac=0.0)
+    target = case.target.clone()
+    target[1], target[4] = -100, 40
+    s, t, y = flatten_inputs(case.student, case.teacher, target)
+    opts = _options(1)
+    plain = cpu_backend.forward(s, t, y, opts)
+    one = cpu_backend.forward(s, t, y, opts, grad_scale=torch.tensor(1.0))
+    for a, b in zip(plain, one):  # NaN in row 4: equal_nan
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    *_, grad_inf = cpu_backend.forward(s, t, y, opts, grad_scale=torch.tensor(math.inf))
+    assert (grad_inf[1] == 0).all() and grad_inf[4].isnan().all()
+    all_ignored = torch.full_like(y, -100)
+    *_, grad = cpu_backend.forward(s, t, all_ignored, opts, grad_scale=torch.tensor(math.inf))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_all_rows_ignored():
     case = make_case(5, 40, 2, ignore_frac=1.0)
     for reduction in ("mean", "sum", "none"):

@@ -167,9 +167,10 @@ def _strided_buffer(values: torch.Tensor, strides, offset: int) -> torch.Tensor:
 
 
 def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cache=True, prefetch=False,
-            s_pad=0, s_off=0, t_layout="lnc", t_pad=0, t_off=0, g_off=0, tmp_path):
+            s_pad=0, s_off=0, t_layout="lnc", t_pad=0, t_off=0, g_off=0, grad_scale=None, tmp_path):
     """Run the kernel's per-thread code on (N, C) student, (L, N, C) teacher. With cache
-    and prefetch, each thread fills its cache slots before pass 1 (prefetch_row)."""
+    and prefetch, each thread fills its cache slots before pass 1 (prefetch_row).
+    grad_scale: None (the kernel gets nullptr) or a float the kernel reads through a pointer."""
     N, C = student.shape
     L = teacher.shape[0]
     opts = _resolve(L, options)
@@ -181,10 +182,11 @@ def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cac
     s_buf = _strided_buffer(student, (s_stride, 1), s_off)
     t_buf = _strided_buffer(teacher, (t_lstride, t_rstride, 1), t_off)
     header = [N, C, L, _DTYPE_CODE[student.dtype], _DTYPE_CODE[teacher.dtype], threads, blocks, int(cache),
-              s_stride, t_lstride, t_rstride, s_off, t_off, g_off, opts.ignore_index, int(prefetch)]
+              s_stride, t_lstride, t_rstride, s_off, t_off, g_off, opts.ignore_index, int(prefetch),
+              int(grad_scale is not None)]
     doubles = [*opts.temperatures, *opts.expert_strengths, *opts.level_weights, opts.gate_weight,
-               opts.expert_weight]
-    blob = (struct.pack("<16q", *header) + struct.pack(f"<{len(doubles)}d", *doubles)
+               opts.expert_weight, 1.0 if grad_scale is None else float(grad_scale)]
+    blob = (struct.pack("<17q", *header) + struct.pack(f"<{len(doubles)}d", *doubles)
             + s_buf.view(torch.uint8).numpy().tobytes() + t_buf.view(torch.uint8).numpy().tobytes()
             + target.to(torch.int64).numpy().tobytes())
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -205,9 +207,10 @@ def _resolve(num_levels, options):
     return resolve_options(num_levels, **{**DEFAULT_OPTIONS, **options})
 
 
-def _check_against_oracle(result, case: Case, tol=None, bad_rows=()):
+def _check_against_oracle(result, case: Case, tol=None, bad_rows=(), grad_scale=1.0):
     """result = (loss, grad, log_likelihood, agreement) for case; bad_rows hold
-    out-of-range targets and must come out NaN (the oracle sees them as ignored)."""
+    out-of-range targets and must come out NaN (the oracle sees them as ignored).
+    The gradient is expected times grad_scale, the stats unscaled."""
     tol = TOLERANCE[case.student.dtype] if tol is None else tol
     loss, grad, ll, agreement = result
     oracle_case = case
@@ -221,6 +224,7 @@ def _check_against_oracle(result, case: Case, tol=None, bad_rows=()):
         keep = [n for n in range(case.target.numel()) if n not in set(bad_rows)]
         loss, grad, ll, agreement = loss[keep], grad[keep], ll[keep], agreement[keep]
     exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(oracle_case)
+    exp_grad = exp_grad * grad_scale
     if bad_rows:
         exp_loss, exp_grad, exp_ll, exp_agree = exp_loss[keep], exp_grad[keep], exp_ll[keep], exp_agree[keep]
     errs = {"loss": rel_err(loss, exp_loss), "grad": rel_err(grad, exp_grad),
@@ -283,6 +287,59 @@ def test_emulated_rows_match_oracle(emulator, tmp_path, C, L, dtype, teacher_dty
     result = emulate(emulator, case.student, _levels(case), case.target, options, tmp_path=tmp_path,
                      prefetch=prefetch, **geometry)
     _check_against_oracle(result, case)
+
+
+# A cached and an uncached geometry per dtype, scalar and vector rows, clusters.
+SCALE_CASES = [EMU_CASES[i] for i in (4, 8, 9, 13, 16, 17, 19, 22)]
+
+
+@pytest.mark.parametrize("scale", [1 / 7, 3.0])
+@pytest.mark.parametrize("C,L,dtype,teacher_dtype,geometry", SCALE_CASES,
+                         ids=[f"C{c}-L{l}-{str(d)[6:]}-{str(t)[6:] if t else 'same'}"
+                              for c, l, d, t, _ in SCALE_CASES])
+def test_emulated_grad_scale(emulator, tmp_path, C, L, dtype, teacher_dtype, geometry, scale):
+    """KernelArgs.grad_scale = &w: grad = w · ∂loss/∂s, loss and stats unscaled, ignored rows 0."""
+    options = LEVEL_OPTIONS[L]
+    case = make_case(6, C, L, dtype=dtype, teacher_dtype=teacher_dtype, seed=C + L + 1, ignore_frac=0.3,
+                     **options)
+    case.target[2] = -100
+    w = float(torch.tensor(scale, dtype=torch.float32))  # the kernel reads a float32
+    result = emulate(emulator, case.student, _levels(case), case.target, options, tmp_path=tmp_path,
+                     prefetch=True, grad_scale=w, **geometry)
+    _check_against_oracle(result, case, grad_scale=w)
+    assert (result[1][case.target == -100] == 0).all()
+
+
+def test_emulated_grad_scale_is_applied_in_float_before_the_rounding(emulator, tmp_path):
+    """A bf16 student and a float32 one holding the same values give the same float
+    gradient (same layout: C*2 and C*4 bytes are both multiples of 16); the bf16 result
+    must be that times w rounded once, not the rounded gradient times w."""
+    case = make_case(6, 200, 2, dtype=torch.bfloat16, teacher_dtype=torch.float32, seed=21,
+                     **LEVEL_OPTIONS[2])
+    w = float(torch.tensor(1 / 7, dtype=torch.float32))
+    run = lambda student, **kw: emulate(emulator, student, case.teacher, case.target, LEVEL_OPTIONS[2],
+                                        threads=32, blocks=2, tmp_path=tmp_path, **kw)
+    grad16 = run(case.student, grad_scale=w)[1]
+    grad32 = run(case.student.float(), grad_scale=w)[1]
+    unscaled16 = run(case.student)[1]
+    assert torch.equal(grad16, grad32.to(torch.bfloat16))
+    assert not torch.equal(grad16, (unscaled16.float() * w).to(torch.bfloat16))
+
+
+def test_emulated_grad_scale_edge_values(emulator, tmp_path):
+    """w = 1 through the pointer is nullptr's result bit for bit; ignored rows stay 0 and
+    out-of-range rows NaN whatever w is (inf: the 1/0 of a batch with no valid row)."""
+    case = make_case(6, 41, 1, seed=14, ignore_frac=0.0)
+    target = case.target.clone()
+    target[1], target[4] = -100, 41
+    run = lambda y, **kw: emulate(emulator, case.student, case.teacher.unsqueeze(0), y, {}, tmp_path=tmp_path,
+                                  **kw)
+    for a, b in zip(run(target), run(target, grad_scale=1.0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    grad_inf = run(target, grad_scale=math.inf)[1]
+    assert (grad_inf[1] == 0).all() and grad_inf[4].isnan().all()
+    grad = run(torch.full_like(target, -100), grad_scale=math.inf)[1]
+    assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])
@@ -548,6 +605,37 @@ def test_gpu_side_stream_and_empty(built):
     empty = fused_moe_kd_loss(case.student[:0], case.teacher[:0], case.target[:0], reduction="none",
                               backend="cuda")
     assert empty.shape == (0,)
+
+
+@gpu
+@pytest.mark.parametrize("path", ["warp", "block", "cluster", "stream"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_grad_scale(built, cuda_path, path, dtype):
+    """forward(..., grad_scale=w), w on the device: grad = w · ∂loss/∂s, stats unscaled,
+    ignored rows 0; a float64 w is converted on the device."""
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    cuda_path(path)
+    C = 127 if path == "warp" else 4097
+    case = make_case(12, C, 2, dtype=dtype, device="cuda", seed=17, ignore_frac=0.3, **LEVEL_OPTIONS[2])
+    case.target[2] = -100
+    opts = _resolve(2, LEVEL_OPTIONS[2])
+    for w in (torch.tensor(1 / 7, device="cuda"), torch.tensor(3.0, device="cuda", dtype=torch.float64)):
+        loss, ll, agreement, grad = built.forward(case.student, case.teacher, case.target, opts, grad_scale=w)
+        result = (loss, grad, ll, agreement)
+        _check_against_oracle(tuple(x.cpu() for x in result), case, grad_scale=float(w.float()))
+        assert (grad[case.target == -100] == 0).all()
+
+
+@gpu
+def test_gpu_grad_scale_is_checked(built):
+    case = make_case(4, 64, 1, device="cuda", seed=3)
+    opts = _resolve(1, {})
+    t = case.teacher.unsqueeze(0)
+    with pytest.raises(RuntimeError, match="grad_scale must be on the student's device"):
+        built.forward(case.student, t, case.target, opts, grad_scale=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="grad_scale must hold one value"):
+        built.forward(case.student, t, case.target, opts, grad_scale=torch.ones(2, device="cuda"))
 
 
 @gpu

@@ -52,7 +52,7 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
                                     std::vector<double> expert_strengths,
                                     std::vector<double> level_weights, double gate_weight,
                                     double expert_weight, int64_t ignore_index,
-                                    int64_t num_threads) {
+                                    int64_t num_threads, double grad_scale) {
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", student.sizes());
   TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", teacher.sizes());
   TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", target.sizes());
@@ -102,6 +102,7 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
   args.log_likelihood = log_likelihood.data_ptr<float>();
   args.agreement = agreement.data_ptr<float>();
   args.grad = grad.data_ptr();
+  args.grad_scale = static_cast<float>(grad_scale);
 
   const moekd::Params params =
       moekd::make_params(static_cast<int>(L), temperatures.data(), expert_strengths.data(),
@@ -121,8 +122,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moekd_kernels fused MoE-KD loss, C++/OpenMP CPU kernel";
   m.def("moe_kd_rows", &moe_kd_rows,
         "(student (N,C), teacher (L,N,C), target (N,), temperatures, expert_strengths, "
-        "level_weights, gate_weight, expert_weight, ignore_index, num_threads) -> "
-        "[loss, log_likelihood, agreement, grad]");
+        "level_weights, gate_weight, expert_weight, ignore_index, num_threads, grad_scale) -> "
+        "[loss, log_likelihood, agreement, grad_scale · grad]");
   m.def("exp_for_test", &moekd::cpu::exp_for_test, "the kernel's exp, for accuracy tests");
   m.def("log_for_test", &moekd::cpu::log_for_test, "the kernel's log (x >= 1), for accuracy tests");
 }

@@ -393,15 +393,18 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
 
   // ---- pass 3: the gradient ----
   //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
+  // Every term is linear in a per-row coefficient, so grad_scale rides on those
+  // coefficients (formed in double): the scaled gradient costs no extra pass or multiply.
   float* g = std::is_same<TS, float>::value ? static_cast<float*>(sc.out) : sc.sf;
-  const float sigma_coeff = static_cast<float>(lam_e * row.A / Zs);  // λ_e A σ_j = · es_j
+  const double w = a.grad_scale;
+  const float sigma_coeff = static_cast<float>(w * (lam_e * row.A / Zs));  // λ_e A σ_j = · es_j
   const float inv_G = row.inv_G;
   for (int l = 0; l < L; ++l) {
     const float* es = sc.es;
     const float* factor = sc.et[l];
     const float* eq = sc.eq[l];
-    const float q_coeff = static_cast<float>(p.gate_weight * p.tau[l] * row.R[l] / Zq[l]);
-    const float r_coeff = static_cast<float>(inv_G * level_scale[l]);  // r_ℓj = r_coeff · u_ℓj
+    const float q_coeff = static_cast<float>(w * (p.gate_weight * p.tau[l] * row.R[l] / Zq[l]));
+    const float r_coeff = static_cast<float>(w * (inv_G * level_scale[l]));  // r_ℓj = r_coeff · u_ℓj
     if (l == 0) {
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j)
@@ -424,7 +427,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
       const double q_y = std::exp((s_y - static_cast<double>(s_max)) * p.inv_tau[l]) / Zq[l];
       gate += static_cast<double>(p.gate_weight) * p.tau[l] * (row.R[l] * q_y - u_y[l] / G);
     }
-    g[y] = static_cast<float>((lam_e != 0.0f ? lam_e * expert : 0.0) + gate);
+    g[y] = static_cast<float>(w * ((lam_e != 0.0f ? lam_e * expert : 0.0) + gate));
   }
   if (!std::is_same<TS, float>::value) {
     TS* out = static_cast<TS*>(sc.out);

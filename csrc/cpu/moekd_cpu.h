@@ -36,6 +36,10 @@ struct RowsArgs {
   float* log_likelihood = nullptr;
   float* agreement = nullptr;
   void* grad = nullptr;               // (N, C) in student_dtype, contiguous
+
+  // The gradient is written as grad_scale · ∂loss/∂s (a mean reduction's 1/n folded in,
+  // so backward need not rescale N×C values). Ignored rows stay 0, bad rows NaN.
+  float grad_scale = 1.0f;
 };
 
 // Fills every output row: ignored rows get zeros, rows whose target is out of

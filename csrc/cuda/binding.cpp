@@ -5,6 +5,7 @@
 // comes from Python as an integer (torch.cuda.current_stream().cuda_stream).
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,8 @@ moekd_cuda::DType to_dtype(const at::Tensor& t, const char* name) {
 std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tensor target,
                                 std::vector<double> temperatures, std::vector<double> expert_strengths,
                                 std::vector<double> level_weights, double gate_weight, double expert_weight,
-                                int64_t ignore_index, int64_t stream, int64_t path, int64_t prefetch) {
+                                int64_t ignore_index, int64_t stream, int64_t path, int64_t prefetch,
+                                std::optional<at::Tensor> grad_scale) {
   TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", student.sizes());
   TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", teacher.sizes());
   TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", target.sizes());
@@ -46,6 +48,15 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
               "the cuda backend needs CUDA tensors");
   TORCH_CHECK(teacher.device() == student.device() && target.device() == student.device(),
               "student_logits, teacher_logits and target must be on one device");
+  // Read by the kernel, never here: a host read would synchronise with the device.
+  const bool scaled = grad_scale.has_value() && grad_scale->defined();
+  if (scaled) {
+    TORCH_CHECK_TYPE(grad_scale->scalar_type() == at::kFloat, "grad_scale must be float32 for the cuda backend, got ",
+                     grad_scale->scalar_type());
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "grad_scale must hold one value, got shape ", grad_scale->sizes());
+    TORCH_CHECK(grad_scale->device() == student.device(), "grad_scale must be on the student's device (",
+                student.device(), "), got ", grad_scale->device());
+  }
   const moekd_cuda::DType student_dtype = to_dtype(student, "student_logits");
   const moekd_cuda::DType teacher_dtype = to_dtype(teacher, "teacher_logits");
   TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool,
@@ -76,6 +87,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   args.log_likelihood = log_likelihood.data_ptr<float>();
   args.agreement = agreement.data_ptr<float>();
   args.grad = grad.data_ptr();
+  args.grad_scale = scaled ? grad_scale->data_ptr<float>() : nullptr;
   args.num_rows = N;
   args.num_classes = C;
   args.params = moekd::make_params(static_cast<int>(L), temperatures.data(), expert_strengths.data(),

@@ -9,11 +9,13 @@
 // shuffles, barriers and cluster exchange are the GPU's part alone.
 //
 // Usage: host_emulation IN OUT. IN (little-endian):
-//   int64[16]: N C L student_dtype teacher_dtype threads K use_cache
+//   int64[17]: N C L student_dtype teacher_dtype threads K use_cache
 //              student_row_stride teacher_level_stride teacher_row_stride
-//              student_offset teacher_offset grad_offset ignore_index prefetch
+//              student_offset teacher_offset grad_offset ignore_index prefetch has_grad_scale
 //              (dtypes: 0 float32, 1 bfloat16, 2 float16; offsets in elements)
-//   float64[3L + 2]: temperatures, expert strengths, level weights, gate weight, expert weight
+//   float64[3L + 3]: temperatures, expert strengths, level weights, gate weight, expert weight,
+//              grad scale (passed to the kernel code as a float pointer if has_grad_scale,
+//              else as nullptr)
 //   student buffer: student_offset + (N-1)*student_row_stride + C elements
 //   teacher buffer: teacher_offset + (L-1)*teacher_level_stride + (N-1)*teacher_row_stride + C elements
 //   int64[N] target
@@ -59,6 +61,7 @@ struct Job {
   long long N, C, L, sd, td, threads, K, use_cache, s_stride, t_lstride, t_rstride, s_off, t_off, g_off,
       ignore_index, prefetch;
   moekd::Params params;
+  const float* grad_scale;  // nullptr or a heap float (so ASan sees the one-element read)
   Buffer* student;
   Buffer* teacher;
   std::vector<long long> target;
@@ -147,7 +150,7 @@ void run(Job& job) {
     job.ll[row] = res.log_likelihood;
     job.agreement[row] = res.agreement;
     for (auto& lc : lcs) publish_R(lc.data(), res, L);
-    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res);
+    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
   }
 }
 
@@ -167,7 +170,7 @@ int main(int argc, char** argv) {
   if (argc != 3) die("usage: host_emulation IN OUT");
   FILE* in = fopen(argv[1], "rb");
   if (!in) die("cannot open input");
-  long long h[16];
+  long long h[17];
   read_exact(in, h, sizeof h);
   Job job;
   job.N = h[0];
@@ -186,11 +189,14 @@ int main(int argc, char** argv) {
   job.g_off = h[13];
   job.ignore_index = h[14];
   job.prefetch = h[15];
+  const bool has_grad_scale = h[16] != 0;
   if (job.L < 1 || job.L > moekd::kMaxLevels || job.C < 1 || job.N < 1) die("bad sizes");
-  std::vector<double> opts(3 * job.L + 2);
+  std::vector<double> opts(3 * job.L + 3);
   read_exact(in, opts.data(), opts.size() * sizeof(double));
   job.params = moekd::make_params(static_cast<int>(job.L), opts.data(), opts.data() + job.L,
                                   opts.data() + 2 * job.L, opts[3 * job.L], opts[3 * job.L + 1], job.ignore_index);
+  std::vector<float> grad_scale(1, static_cast<float>(opts[3 * job.L + 2]));
+  job.grad_scale = has_grad_scale ? grad_scale.data() : nullptr;
   const size_t s_len = job.s_off + (job.N - 1) * job.s_stride + job.C;
   const size_t t_len = job.t_off + (job.L - 1) * job.t_lstride + (job.N - 1) * job.t_rstride + job.C;
   Buffer student(s_len * elem_size(job.sd)), teacher(t_len * elem_size(job.td));

@@ -345,6 +345,7 @@ const char* launch(const LaunchArgs& args) {
   k.log_likelihood = args.log_likelihood;
   k.agreement = args.agreement;
   k.grad = args.grad;
+  k.grad_scale = args.grad_scale;
   k.num_rows = args.num_rows;
   k.student_row_stride = args.student_row_stride;
   k.teacher_level_stride = args.teacher_level_stride;

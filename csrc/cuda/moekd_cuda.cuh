@@ -31,6 +31,7 @@ struct KernelArgs {
   float* log_likelihood;
   float* agreement;
   void* grad;
+  const float* grad_scale;    // device scalar multiplying the gradient; nullptr = 1
   long long num_rows;
   long long student_row_stride;
   long long teacher_level_stride;
@@ -246,7 +247,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   if (leader) publish_R(r.lc, res, r.L);
   group_sync<kWarpRows>();
 
-  pass3(r, a.kc.p, rc, res);
+  pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
 }
 
 }  // namespace cuda_kernel

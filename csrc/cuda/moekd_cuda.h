@@ -33,6 +33,7 @@ struct LaunchArgs {
   float* log_likelihood;               // (N,)
   float* agreement;                    // (N,)
   void* grad;                          // (N, C) contiguous, student dtype
+  const float* grad_scale;             // device scalar w: grad = w · ∂loss/∂s; nullptr = 1
   long long num_rows;
   long long num_classes;
   moekd::Params params;                // params.num_levels = L <= moekd::kMaxLevels

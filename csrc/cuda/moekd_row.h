@@ -648,8 +648,21 @@ MOEKD_HD void pass3_start(float (&g)[W], float (&d)[W], float (&sigma)[W], const
   }
 }
 
+// The gradient's scale w (a mean reduction's 1/n, computed on the device), read once
+// per thread and only by rows that reach pass 3: an ignored row stays exactly 0 even
+// if w is inf (no valid row at all), and the host never reads w (no sync).
+MOEKD_HD float read_grad_scale(const float* grad_scale) {
+#if defined(__CUDA_ARCH__)
+  return grad_scale != nullptr ? __ldg(grad_scale) : 1.0f;
+#else
+  return grad_scale != nullptr ? *grad_scale : 1.0f;
+#endif
+}
+
+// Writes w · ∂loss/∂s: the product is formed in float, before rounding to TS.
 template <class TS, class TT>
-MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& rc, const RowResult& res) {
+MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& rc, const RowResult& res,
+                    float w) {
   int j = 0;
   for (int ch = r.gi; ch < r.nchunks; ch += r.G, ++j) {
     const int c0 = r.head + ch * kChunk;
@@ -661,6 +674,8 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
       load_chunk(r, r.level(l), 1 + l, j, c0, false, t);
       pass3_level<kChunk>(g, r.lc[l], res, p.expert_weight, r.y, c0, d, sigma, t);
     }
+    MOEKD_UNROLL
+    for (int i = 0; i < kChunk; ++i) g[i] *= w;
     Vec16 v[Elem<TS>::kVecs];
     Elem<TS>::pack(g, v);
     Vec16* dst = reinterpret_cast<Vec16*>(r.g + c0);
@@ -676,7 +691,7 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
       const float t[1] = {Elem<TT>::to_float(r.level(l)[c])};
       pass3_level<1>(g, r.lc[l], res, p.expert_weight, r.y, c, d, sigma, t);
     }
-    r.g[c] = Elem<TS>::from_float(g[0]);
+    r.g[c] = Elem<TS>::from_float(g[0] * w);
   }
 }
 
