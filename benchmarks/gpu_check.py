@@ -516,7 +516,9 @@ def _device_rel_err(torch, actual, expected, chunks=16):
     """‖actual − expected‖ / ‖expected‖ in float32 on the device, a block of rows at a time
     (no full-size float64 copies of a multi-GB gradient)."""
     num, den = 0.0, 0.0
-    for a, e in zip(actual.reshape(actual.shape[0], -1).chunk(chunks), expected.reshape(expected.shape[0], -1).chunk(chunks)):
+    actual = actual.reshape(-1, actual.shape[-1] if actual.dim() else 1)
+    expected = expected.reshape(actual.shape)
+    for a, e in zip(actual.chunk(chunks), expected.chunk(chunks)):
         a, e = a.float(), e.float()
         if not torch.equal(torch.isfinite(a), torch.isfinite(e)):
             return float("inf")

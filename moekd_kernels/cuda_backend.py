@@ -124,8 +124,16 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
     stream = torch.cuda.current_stream(student.device).cuda_stream
     # A module global looked up per call: the benchmark sweep replaces it.
     path, prefetch = launch_config(student.shape[1], teacher.shape[0], student.device.type)
-    if grad_scale is not None and grad_scale.dtype != torch.float32:
-        grad_scale = grad_scale.to(torch.float32)  # on the device: no sync
+    if grad_scale is not None:
+        # Checked here rather than only in the binding: an error thrown by the binding for
+        # a CPU grad_scale crashed the process on the H100 (2026-11-26), not yet explained.
+        if grad_scale.numel() != 1:
+            raise ValueError(f"grad_scale must hold one value, got shape {tuple(grad_scale.shape)}")
+        if grad_scale.device != student.device:
+            raise RuntimeError(f"grad_scale must be on the student's device ({student.device}), "
+                               f"got {grad_scale.device}")
+        if grad_scale.dtype != torch.float32:
+            grad_scale = grad_scale.to(torch.float32)  # on the device: no sync
     loss, log_likelihood, agreement, grad = extension.forward(
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),

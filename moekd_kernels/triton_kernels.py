@@ -301,19 +301,23 @@ def moe_kd_row_kernel(
 
 
 @triton.jit
-def scale_rows_kernel(grad_ptr, grad_row_stride, scale_ptr, scale_stride, num_classes,
+def scale_rows_kernel(grad_ptr, grad_row_stride, scale_ptr, scale_stride, num_classes, span,
                       BLOCK: tl.constexpr):
     """grad[i, :] *= scale[i], in place, in float32: backward's only N×C pass.
 
-    Rows on grid axis 0 (up to 2^31 programs), class blocks on axis 1. A "mean"/"sum"
-    loss sends one value for every row: scale_stride = 0.
+    Program (i, k) scales classes [k·span, (k+1)·span) of row i, BLOCK at a time, so
+    a factor of 1 costs one scalar read per program. A "mean"/"sum" loss sends one
+    value for every row: scale_stride = 0.
     """
     row = tl.program_id(0).to(tl.int64)
     factor = tl.load(scale_ptr + row * scale_stride)
     # grad_output = 1 (loss.backward() of the op's own reduction): nothing to read or write.
     if factor != 1.0:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = cols < num_classes
-        ptrs = grad_ptr + row * grad_row_stride + cols
-        g = tl.load(ptrs, mask=ok).to(tl.float32)
-        tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=ok)
+        grad_row = grad_ptr + row * grad_row_stride
+        first = tl.program_id(1) * span
+        last = tl.minimum(first + span, num_classes)
+        for start in range(first, last, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < last
+            g = tl.load(grad_row + cols, mask=ok).to(tl.float32)
+            tl.store(grad_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=ok)

@@ -357,9 +357,12 @@ def test_cuda_row_offsets_past_int32():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("per_row", [True, False])
-def test_scale_rows_in_place_in_float32(dtype, per_row):
+@pytest.mark.parametrize("target_programs", [8192, 1])
+def test_scale_rows_in_place_in_float32(monkeypatch, dtype, per_row, target_programs):
     """Backward's GPU scaling pass: every element scaled once, in place, by a float32 factor
-    (stride 0 for "mean"/"sum"), rows longer than one block and a ragged last block."""
+    (stride 0 for "mean"/"sum"), rows longer than one block and a ragged last block, split
+    into one-block spans or walked whole by one program (target_programs = 1)."""
+    monkeypatch.setattr(triton_backend, "SCALE_TARGET_PROGRAMS", target_programs)
     torch.manual_seed(3)
     rows, classes = 5, 2 * triton_backend.SCALE_BLOCK + 37
     grad = torch.randn(rows, classes, device=DEVICE).to(dtype)
