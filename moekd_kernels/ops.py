@@ -89,51 +89,68 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad)
 
 
+def _compiling() -> bool:
+    # Not always True while AOTAutograd traces backward: torch 2.11 (the H100 run)
+    # reached the eager branch there, hence the traceable op below.
+    return torch.compiler.is_compiling()
+
+
 def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     if grad_loss is None:
         return (None,) * 11
     (grad,) = ctx.saved_tensors
     # One factor per row: a 0-dim grad_loss ("mean"/"sum") is broadcast, stride 0.
     per_row = grad_loss.expand(grad.shape[0])
-    if torch.compiler.is_compiling():
+    if _compiling():
         # AOTAutograd functionalises backward anyway (and rejects mutating a
         # buffer the graph may also return), so write the plain product.
         return (grad * per_row.unsqueeze(-1).to(grad.dtype),) + (None,) * 10
-    # Scaling in place keeps one N×C buffer alive instead of two. The version
-    # counter then makes a second backward through the same graph raise
-    # PyTorch's usual "modified by an inplace operation" error instead of
-    # returning a twice-scaled gradient.
-    return (_scale_rows_(grad, per_row),) + (None,) * 10
+    # Scaling in place keeps one N×C buffer alive instead of two. As a registered
+    # op that mutates ``grad`` it bumps the version counter (so a second backward
+    # through the same graph raises PyTorch's usual "modified by an inplace
+    # operation" error instead of returning a twice-scaled gradient), and graph
+    # tracers that reach this branch see an op with a fake implementation rather
+    # than a raw kernel launch.
+    scale_rows_(grad, per_row)
+    return (grad,) + (None,) * 10
 
 
 # Rows per block when a low-precision gradient is scaled on the CPU (about 1M elements).
 _CPU_BLOCK_ELEMENTS = 1 << 20
 
 
-def _scale_rows_(grad: Tensor, scale: Tensor) -> Tensor:
+@torch.library.custom_op("moekd_kernels::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, scale: Tensor) -> None:
     """grad[i, :] *= scale[i], in place, with no N×C temporaries; rows whose factor is 1
-    are left untouched."""
+    are left as they are (on the GPU the kernel checks, so the host never reads a factor)."""
     if scale.numel() == 0:
-        return grad
+        return
     if grad.device.type == "cuda" and BACKENDS["triton"].unavailable_reason("cuda") is None:
-        from .triton_backend import scale_rows_
+        from .triton_backend import scale_rows_ as triton_scale_rows_
 
-        return scale_rows_(grad, scale)
+        triton_scale_rows_(grad, scale)
+        return
     if grad.device.type == "cpu" and bool((scale == 1).all()):  # a host tensor: no sync
-        return grad
+        return
     if scale.stride(0) == 0:
         # "mean"/"sum": one value broadcast to every row. A 0-dim factor keeps the
         # product in one pass, in float32 arithmetic on the CPU, for any gradient dtype.
-        return grad.mul_(scale[0])
+        grad.mul_(scale[0])
+        return
     scale = scale.unsqueeze(-1)
     if grad.device.type != "cpu" or grad.dtype == scale.dtype:
-        return grad.mul_(scale)
+        grad.mul_(scale)
+        return
     # A bf16/fp16 tensor times a float32 column makes CPU PyTorch upcast the whole
     # gradient through float32 copies; row blocks bound those to one block.
     rows = max(1, _CPU_BLOCK_ELEMENTS // max(grad.shape[1], 1))
     for start in range(0, grad.shape[0], rows):
         grad[start:start + rows].mul_(scale[start:start + rows])
-    return grad
+
+
+@scale_rows_.register_fake
+def _scale_rows_fake(grad, scale):
+    return None
 
 
 moe_kd_loss.register_autograd(_backward, setup_context=_setup_context)

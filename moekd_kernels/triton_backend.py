@@ -50,9 +50,10 @@ class LaunchConfig(NamedTuple):
 
 
 # The launch table, in one place (LP = L rounded up to a power of two).
-# "cuda": measured on an H100, bf16, N = 16384 (L = 1 and 2): BLOCK 1024 with 4
-# warps beat 2048–8192 by 5–35% for C ≥ 32768; a 4096-class row ran best with
-# 4 warps at L = 1 and 16 at L = 2 (8192 values).
+# "cuda": measured on an H100, bf16, N = 16384 (fwd+bwd, benchmarks/RESULTS.md):
+# BLOCK 1024 with 4 warps beat 2048–8192 by 5–35% for C ≥ 32768, and neither L2
+# eviction hints nor persistent grids (1–4 programs per SM) beat it; a row of 4096
+# values ran 1.5× faster on 8 warps than on 4, one of 8192 (L = 2) best on 16.
 # "cpu" is Triton's interpreter: it runs each block op as one numpy call, so its
 # cost is per op, not per value, and large tiles keep it fast.
 TILES = {"cuda": Tiles(single=8192, loop=4096, loop_block=1024),
@@ -77,7 +78,8 @@ def launch_config(num_classes: int, num_levels: int, device_type: str) -> Launch
     block = max(MIN_BLOCK, _next_pow2(num_classes))
     if block * levels_padded > tiles.single:
         block = max(MIN_BLOCK, min(tiles.loop // levels_padded, tiles.loop_block))
-    num_warps = 4 if block * levels_padded <= 4096 else 16
+    values = block * levels_padded
+    num_warps = 4 if values < 4096 else 8 if values == 4096 else 16
     return LaunchConfig(block, num_warps, 0, False)
 
 

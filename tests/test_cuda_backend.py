@@ -652,12 +652,14 @@ def test_gpu_rejects_what_it_cannot_do(built):
 
 @gpu
 def test_gpu_plans_are_described(built):
-    text = {C: built.describe_plan(C, 1, torch.bfloat16) for C in (100, 4097, 131072, 4_000_000)}
+    text = {C: built.describe_plan(C, 1, torch.bfloat16) for C in (100, 4097, 32768, 131072, 4_000_000)}
     print("\n".join(f"C={c}: {t}" for c, t in text.items()))
     assert text[100].startswith("warp rows")
     assert "cache" in text[4097] and "no cache" not in text[4097]
-    assert text[4_000_000].startswith("streamed")
-    if torch.cuda.get_device_capability()[0] == 9:  # H100/H200: 16-block clusters can be scheduled
-        fp32 = built.describe_plan(131072, 1, torch.float32)
-        print(f"C=131072 fp32: {fp32}")
+    # Auto clusters rows of up to 4 blocks' cache; longer rows stream (faster when measured).
+    assert text[131072].startswith("streamed") and text[4_000_000].startswith("streamed")
+    if torch.cuda.get_device_capability()[0] == 9:  # H100/H200: clusters, 16 blocks when forced
+        assert "x2 blocks per row" in text[32768], text[32768]
+        fp32 = built.describe_plan(131072, 1, torch.float32, path="cluster")
+        print(f"C=131072 fp32, cluster forced: {fp32}")
         assert "x16 blocks per row" in fp32, fp32

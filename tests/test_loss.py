@@ -115,21 +115,13 @@ def test_teacher_gets_no_gradient_and_inputs_are_untouched():
     assert torch.equal(case.target, before[2])
 
 
-def test_second_backward_through_a_scaled_loss_raises():
-    """Backward scales the saved gradient in place when grad_output is not 1: a second
-    backward must raise rather than scale it twice. With grad_output 1 nothing is
-    scaled, and a second backward accumulates the same gradient again."""
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_second_backward_through_the_same_loss_raises(factor):
     student = torch.randn(3, 4, requires_grad=True)
-    teacher, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
-    loss = fused_moe_kd_loss(student, teacher, target)
+    loss = factor * fused_moe_kd_loss(student, torch.randn(3, 4), torch.tensor([0, 1, 2]))
     loss.backward(retain_graph=True)
-    first = student.grad.clone()
-    loss.backward()
-    torch.testing.assert_close(student.grad, 2 * first, rtol=0, atol=0)
-    scaled = 3.0 * fused_moe_kd_loss(student, teacher, target)
-    scaled.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
-        scaled.backward()
+        loss.backward()
 
 
 def test_explicit_unavailable_backend_says_why():

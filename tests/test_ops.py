@@ -17,6 +17,7 @@ from torch import nn
 
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels.backends import BACKENDS
+from moekd_kernels import ops
 from moekd_kernels.ops import moe_kd_loss
 from oracle import rel_err
 
@@ -129,10 +130,10 @@ def _per_row(backend, reduction):
 @pytest.mark.parametrize("factor", [1.0, 2.0])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_second_backward_is_never_silently_rescaled(case, compiled, factor):
-    """The glue scales the saved gradient in place unless grad_output is 1. Eager autograd
-    must then refuse a second backward (factor 2) or, with nothing scaled (factor 1),
-    accumulate the right gradient again; a compiled graph (functionalised backward) may
-    return the right gradient again. Never a twice-scaled one."""
+    """The glue scales the saved gradient in place (a factor of 1 included: the kernel
+    decides on the device to skip it): eager autograd must refuse a second backward; a
+    compiled graph (functionalised backward) may instead return the right gradient
+    again. Never a twice-scaled one."""
     backend, device = case
     fn = _per_row(backend, "mean")
     if compiled:
@@ -142,14 +143,14 @@ def test_second_backward_is_never_silently_rescaled(case, compiled, factor):
     loss = factor * fn(student, teacher, target) if factor != 1.0 else fn(student, teacher, target)
     loss.backward(retain_graph=True)
     first = student.grad.clone()
-    if not compiled and factor != 1.0:
+    if not compiled:
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
         return
     try:
         loss.backward()
     except RuntimeError as exc:
-        assert compiled and "inplace" in str(exc)
+        assert "inplace" in str(exc)
     else:
         assert rel_err(student.grad, 2 * first) <= 1e-6
 
@@ -232,3 +233,23 @@ def test_compiled_graph_may_return_the_raw_gradient_output():
     loss.backward()
     # The returned buffer is the gradient of the summed loss; backward scaled by 1 gives the same.
     torch.testing.assert_close(student.grad, raw_grad.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_backward_traces_when_the_compile_flag_is_not_set(monkeypatch, compiler):
+    """Some torch versions (2.11 on the H100) trace backward with is_compiling() False:
+    the in-place scaling must then trace too (a registered op with a fake), and give the
+    eager gradient."""
+    monkeypatch.setattr(ops, "_compiling", lambda: False)
+    torch._dynamo.reset()
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    target = torch.tensor([0, 1, -100, 3, 4, -100, 6, 7])
+
+    def fn(s):
+        return 3.0 * fused_moe_kd_loss(s, teacher, target, backend="reference")
+
+    eager = student.clone().requires_grad_(True)
+    fn(eager).backward()
+    compiled = student.clone().requires_grad_(True)
+    torch.compile(fn, fullgraph=True, backend=compiler)(compiled).backward()
+    assert rel_err(compiled.grad, eager.grad) <= 1e-6

@@ -13,6 +13,15 @@
 
 namespace {
 
+// "[4, 10]". Error messages spell shapes with this rather than by streaming
+// t.sizes(): on the H100 machine (torch 2.11) an error message built that way
+// crashed the process (diagnosed 2026-11-26; streaming a c10::Device was fine).
+std::string shape_of(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
 moekd_cuda::DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return moekd_cuda::kFloat32;
@@ -30,12 +39,12 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
                                 std::vector<double> level_weights, double gate_weight, double expert_weight,
                                 int64_t ignore_index, int64_t stream, int64_t path, int64_t prefetch,
                                 std::optional<at::Tensor> grad_scale) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", student.sizes());
-  TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", teacher.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", target.sizes());
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", shape_of(student));
+  TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", shape_of(teacher));
+  TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", shape_of(target));
   const int64_t N = student.size(0), C = student.size(1), L = teacher.size(0);
   TORCH_CHECK_VALUE(teacher.size(1) == N && teacher.size(2) == C, "teacher_logits must be (L, ", N, ", ", C,
-                    "), got ", teacher.sizes());
+                    "), got ", shape_of(teacher));
   TORCH_CHECK_VALUE(target.size(0) == N, "target must have ", N, " entries, got ", target.size(0));
   TORCH_CHECK_VALUE(L >= 1 && L <= moekd::kMaxLevels, "teacher_logits must have 1 to ", moekd::kMaxLevels,
                     " levels for the cuda backend, got ", L);
@@ -53,7 +62,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   if (scaled) {
     TORCH_CHECK_TYPE(grad_scale->scalar_type() == at::kFloat, "grad_scale must be float32 for the cuda backend, got ",
                      grad_scale->scalar_type());
-    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "grad_scale must hold one value, got shape ", grad_scale->sizes());
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "grad_scale must hold one value, got shape ", shape_of(*grad_scale));
     TORCH_CHECK(grad_scale->device() == student.device(), "grad_scale must be on the student's device (",
                 student.device(), "), got ", grad_scale->device());
   }

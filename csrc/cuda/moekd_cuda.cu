@@ -30,6 +30,7 @@ constexpr long long kBlockCacheBudget = 96 * 1024;  // per block
 constexpr long long kClusterBudgetMax = 160 * 1024; // per block at cluster size 8
 constexpr int kPortableClusterBlocks = 8;           // the cluster size every sm_90+ device schedules
 constexpr int kMaxClusterBlocks = 16;               // non-portable (H100); tried first, 8 as the fallback
+constexpr int kAutoMaxClusterBlocks = 4;            // auto: longer rows stream (measured, see make_plan)
 constexpr long long kWarpRowsMaxClasses = 1024;     // auto: warp rows up to this C
 constexpr int kChunksPerThread = 4;                 // cached paths: chunks each thread keeps, at least
 constexpr int kCachedMaxThreads = 256;              // cached paths: 2-3 blocks of ~80 registers per SM
@@ -177,7 +178,7 @@ ClusterFit plan_cluster(int device, long long dyn_max, long long chunks, long lo
   cached_geometry(ceil_div(chunks, K), kCachedMaxThreads, threads, slots);
   const long long bytes = static_cast<long long>(slots) * threads * vpc * 16;
   if (bytes > dyn_max || bytes > kClusterBudgetMax) return ClusterFit::kTooLarge;
-  if (bytes > 48 * 1024 && allow_dynamic_smem(plan.kernel, device, dyn_max) != nullptr) return ClusterFit::kError;
+  if (allow_dynamic_smem(plan.kernel, device, dyn_max) != nullptr) return ClusterFit::kError;
   if (K > kPortableClusterBlocks &&
       set_attribute_once(plan.kernel, device, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != nullptr)
     return ClusterFit::kNotSchedulable;  // a device without non-portable sizes
@@ -249,7 +250,11 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
       cached_geometry(chunks, kCachedMaxThreads, threads, slots);
       bytes = static_cast<long long>(slots) * threads * vpc * 16;
     }
-    const bool cluster_can = dev.cc_major >= 9 && chunks >= 2 && row_bytes <= 8 * kClusterBudgetMax;
+    // Clusters only while a row needs at most kAutoMaxClusterBlocks blocks: on an H100
+    // (bf16/fp32, N=16384) 2-block clusters beat streaming by 13% at C=32768, but 8 and
+    // 16 blocks lost to it by 5-27% at C=131072 and 262144 (benchmarks/RESULTS.md).
+    const bool cluster_can = dev.cc_major >= 9 && chunks >= 2 &&
+                             row_bytes <= kAutoMaxClusterBlocks * kBlockCacheBudget;
     // Auto: one block within the budget; else a cluster; else one block with all the
     // shared memory there is (no clusters before sm_90); else streaming. Forced: one
     // block with any amount of shared memory, else streaming.
@@ -268,6 +273,7 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
   if (path == kClusterRow) {
     if (dev.cc_major < 9) return fail("moekd cuda: cluster rows need compute capability 9.0+");
     if (chunks < 2) return fail("moekd cuda: cluster rows need C >= 16");
+    // (Auto stops at kAutoMaxClusterBlocks; larger clusters are for a forced path.)
     // The fewest blocks whose shares fit the budget. Past 8 blocks (a row of more than
     // 8 x 96 KB, e.g. fp32 C=131072) 16 blocks of 64 KB give each SM three blocks to
     // hide memory latency with, where 8 blocks of 128 KB leave one; when 16 cannot be
@@ -362,7 +368,9 @@ const char* launch(const LaunchArgs& args) {
                                     : args.num_rows * static_cast<long long>(plan.cluster);
   if (blocks > 0x7fffffffLL) return fail("moekd cuda: too many rows for one launch");
 
-  if (plan.smem > 48 * 1024) {
+  if (plan.smem > 0) {
+    // Dynamic plus static shared memory past 48 KB needs the opt-in, also when the
+    // dynamic part alone is exactly 48 KB (a launch failed so on an H100); done once.
     DeviceInfo dev;
     if (const char* err = device_info(args.device, dev)) return err;
     cudaFuncAttributes attr;
