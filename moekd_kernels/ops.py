@@ -104,7 +104,8 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     if _compiling():
         # AOTAutograd functionalises backward anyway (and rejects mutating a
         # buffer the graph may also return), so write the plain product.
-        return (grad * per_row.unsqueeze(-1).to(grad.dtype),) + (None,) * 10
+        # The product in float32 (the factor unrounded), as the eager kernel forms it.
+        return ((grad * per_row.unsqueeze(-1)).to(grad.dtype),) + (None,) * 10
     # Scaling in place keeps one N×C buffer alive instead of two. As a registered
     # op that mutates ``grad`` it bumps the version counter (so a second backward
     # through the same graph raises PyTorch's usual "modified by an inplace
