@@ -17,6 +17,7 @@ changed source rebuilds, and ninja recompiles only what changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -87,6 +88,37 @@ def import_built(name: str, build_dir: Path):
     return None
 
 
+# torch.utils.cpp_extension guards a build folder with this file and waits, without
+# end, for as long as it exists; a process killed mid-build leaves it behind.
+_TORCH_LOCK = "lock"
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Holds an OS file lock on ``build_dir`` for one build, and clears a ``lock`` file
+    that torch left there: under our lock no other process of this package is
+    building, so such a file belongs to a build that died (seen on a GPU machine: a
+    process killed by a timeout during its first build made every later one hang).
+    The OS releases the lock with its process, so it never goes stale itself.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own file lock alone, as before
+        yield
+        return
+    with open(build_dir / ".moekd_build.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            torch_lock = build_dir / _TORCH_LOCK
+            if torch_lock.exists():
+                print(f"moekd_kernels: removing {torch_lock}, left by an interrupted build",
+                      file=sys.stderr, flush=True)
+                torch_lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class JitExtension:
     """One extension: its files under csrc/ and what messages call it."""
@@ -122,20 +154,28 @@ class JitExtension:
         build_dir.mkdir(parents=True, exist_ok=True)
         stamp = build_dir / _STAMP
         key = self.sources_key(csrc)
-        if stamp.is_file() and stamp.read_text().strip() == key:
-            module = import_built(name, build_dir)
+
+        def built():
+            fresh = stamp.is_file() and stamp.read_text().strip() == key
+            return import_built(name, build_dir) if fresh else None
+
+        module = built()
+        if module is not None:
+            return module
+        with build_lock(build_dir):
+            module = built()  # another process may have built it while this one waited
             if module is not None:
                 return module
-        print(f"moekd_kernels: building {self.label}{target} (once, ~30 s)...", file=sys.stderr, flush=True)
-        # load() appends to the flag lists it is given: hand it copies, not our constants.
-        load_args = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in load_args.items()}
-        module = load(name=name, sources=[str(csrc / s) for s in self.sources],
-                      extra_include_paths=[str(csrc)], build_directory=str(build_dir), verbose=False,
-                      **load_args)
-        # Write then rename: a process that reads the stamp never sees half of it.
-        partial = stamp.with_name(f"{stamp.name}.{os.getpid()}")
-        partial.write_text(key)
-        os.replace(partial, stamp)
+            print(f"moekd_kernels: building {self.label}{target} (once, ~30 s)...", file=sys.stderr, flush=True)
+            # load() appends to the flag lists it is given: hand it copies, not our constants.
+            load_args = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in load_args.items()}
+            module = load(name=name, sources=[str(csrc / s) for s in self.sources],
+                          extra_include_paths=[str(csrc)], build_directory=str(build_dir), verbose=False,
+                          **load_args)
+            # Write then rename: a process that reads the stamp never sees half of it.
+            partial = stamp.with_name(f"{stamp.name}.{os.getpid()}")
+            partial.write_text(key)
+            os.replace(partial, stamp)
         return module
 
     def failure_message(self, exc: BaseException, limit: int = 3000) -> str:
