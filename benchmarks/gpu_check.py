@@ -19,9 +19,8 @@ Sections, each case guarded so that one failure is logged and the rest still run
    that has a ``launch_config(num_classes, num_levels, device_type) -> tuple`` function, which
    its ``forward`` looks up as a module global (the sweep replaces it, one forced config at
    a time, and checks each config's loss and gradient against the default's). Candidates:
-   the module's ``SWEEP_SPACE`` (tuples, or prefixes of them), or for "triton" a default
-   (BLOCK, num_warps) grid. A backend whose winner is not its default is then also timed
-   with the winner, as "<backend>*";
+   the module's ``SWEEP_SPACE`` (tuples, or prefixes of them). A backend whose winner is
+   not its default is then also timed with the winner, as "<backend>*";
 6. fwd+bwd timing with CUDA events at N=16384, C ∈ {4096, 32768, 131072, 262144}, bf16
    and fp32: the backends against eager_moekd, compiled_moekd, eager_classic_kd and Liger's
    classic KD when ``liger_kernel`` imports; GB/s, % of copy bandwidth, peak memory.
@@ -53,13 +52,6 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 3e-2}
 # The options used by correctness cases with several levels: unequal everything.
 LEVEL3_OPTIONS = {"temperature": [1.0, 2.0, 4.0], "expert_strength": [0.5, 2.0, 8.0],
                   "level_weights": [1.0, 2.0, 3.0], "gate_weight": 0.7, "expert_weight": 1.3}
-# Sweep candidates for Triton-style (BLOCK, num_warps) launch tables.
-# Blocks past the row's size are dropped per shape; the extremes (huge blocks on 4 warps,
-# small ones on 32) are left out as hopeless, to keep the sweep near a minute on an H100.
-DEFAULT_SWEEP = [(b, w) for b in (2048, 4096, 8192, 16384) for w in (4, 8, 16, 32)
-                 if not (b >= 8192 and w == 4) and not (b <= 2048 and w == 32)]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out",
@@ -553,8 +545,8 @@ def section_sweep(rep, torch, B, device, backends, args):
             rep.log(f"sweep: backend {backend} has no launch_config(); nothing to sweep")
             continue
         space = getattr(module, "SWEEP_SPACE", None)
-        if backend == "triton" and (args.tiny or space is None):   # its table is (BLOCK, num_warps, ...)
-            space = [(16, 1)] if args.tiny else DEFAULT_SWEEP
+        if backend == "triton" and args.tiny:   # one small forced block, under the interpreter
+            space = [(16, 1)]
         if not space:
             rep.log(f"sweep: backend {backend} defines no SWEEP_SPACE; nothing to sweep")
             continue
