@@ -104,6 +104,15 @@ def _block_u(s, t, is_target, log_zs, base_s, log_zq, base_t, log_zt,
 
 
 @triton.jit
+def _load_block_u(s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+                  inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE: tl.constexpr, EVICT: tl.constexpr):
+    """Passes 2 and 3 on a block of a long row: load it again, then its per-class terms."""
+    s, t = _load_block(s_row, t_row, cols, num_classes, level_ok, EVICT)
+    return _block_u(s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
+                    inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+
+
+@triton.jit
 def _u_sums(u, D, inv_D, log_q, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
     """Pass 2 on one block: (G, Σ u/D, Σ u log D) as scalars, (Σ_c u_ℓc, Σ_c u_ℓc log q_ℓc) per level."""
     u_level = tl.sum(u, axis=1)
@@ -239,10 +248,9 @@ def moe_kd_row_kernel(
                 u_log_q = tl.zeros([LP], tl.float32)
                 for start in range(0, num_classes, BLOCK):
                     cols = start + cols0
-                    s, t = _load_block(s_row, t_row, cols, num_classes, level_ok, KEEP)
-                    sigma, D, inv_D, u, log_q = _block_u(
-                        s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
-                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                    sigma, D, inv_D, u, log_q = _load_block_u(
+                        s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE, KEEP)
                     bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
                     G += bG
                     u_over_D += bD
@@ -290,10 +298,9 @@ def moe_kd_row_kernel(
             else:
                 for start in range(0, num_classes, BLOCK):
                     cols = start + cols0
-                    s, t = _load_block(s_row, t_row, cols, num_classes, level_ok, LAST_USE)
-                    sigma, D, inv_D, u, log_q = _block_u(
-                        s, t, cols == y, log_zs, base_s, log_zq, base_t, log_zt,
-                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                    sigma, D, inv_D, u, log_q = _load_block_u(
+                        s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE, LAST_USE)
                     grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
                                                     gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                     tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes,
