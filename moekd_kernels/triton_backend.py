@@ -52,7 +52,7 @@ class LaunchConfig(NamedTuple):
 # The launch table, in one place (LP = L rounded up to a power of two).
 # "cuda": measured on an H100, bf16, N = 16384 (fwd+bwd, benchmarks/RESULTS.md):
 # BLOCK 1024 with 4 warps beat 2048–8192 by 5–35% for C ≥ 32768, and neither L2
-# eviction hints nor persistent grids (1–4 programs per SM) beat it; a row of 4096
+# eviction hints nor persistent grids (1–8 programs per SM) beat it; a row of 4096
 # values ran 1.16–1.51× faster on 8 warps than on 4, one of 8192 (L = 2) best on 16.
 # "cpu" is Triton's interpreter: it runs each block op as one numpy call, so its
 # cost is per op, not per value, and large tiles keep it fast.
