@@ -33,7 +33,7 @@ from .options import MoEKDOptions
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)
 _SOURCES = ("cpu/moekd_cpu.cpp", "cpu/binding.cpp")
-_HEADERS = ("cpu/moekd_cpu.h", "common/moekd_math.h")
+_HEADERS = ("cpu/moekd_cpu.h", "common/moekd_math.h", "common/binding_inputs.h")
 _KERNEL = JitExtension("the C++ CPU kernel", _SOURCES, _HEADERS, marker=_SOURCES[0])
 
 # The tests build into and read from these.

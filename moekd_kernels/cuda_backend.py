@@ -48,7 +48,8 @@ SWEEP_SPACE = [("auto", 1), ("auto", 0), ("cluster", 1), ("cluster", 0), ("block
 CUDA_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 CXX_FLAGS = ["-O3", "-std=c++17"]
 _SOURCES = ("cuda/binding.cpp", "cuda/moekd_cuda.cu")
-_HEADERS = ("cuda/moekd_cuda.h", "cuda/moekd_cuda.cuh", "cuda/moekd_row.h", "common/moekd_math.h")
+_HEADERS = ("cuda/moekd_cuda.h", "cuda/moekd_cuda.cuh", "cuda/moekd_row.h", "common/moekd_math.h",
+            "common/binding_inputs.h")
 _KERNEL = JitExtension("the CUDA kernel", _SOURCES, _HEADERS, marker=_SOURCES[1])
 
 _lock = threading.Lock()

@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "common/binding_inputs.h"
 #include "cpu/moekd_cpu.h"
 
 namespace {
@@ -53,51 +54,27 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
                                     std::vector<double> level_weights, double gate_weight,
                                     double expert_weight, int64_t ignore_index,
                                     int64_t num_threads, double grad_scale) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", student.sizes());
-  TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", teacher.sizes());
-  TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", target.sizes());
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && target.device().is_cpu(),
               "the cpu backend takes CPU tensors");
-  const int64_t N = student.size(0), C = student.size(1);
-  const int64_t L = teacher.size(0);
-  TORCH_CHECK_VALUE(teacher.size(1) == N && teacher.size(2) == C,
-                    "teacher_logits must be (L, ", N, ", ", C, "), got ", teacher.sizes());
-  TORCH_CHECK_VALUE(target.size(0) == N, "target must have ", N, " entries, got ", target.size(0));
-  TORCH_CHECK_VALUE(L >= 1 && L <= moekd::kMaxLevels, "teacher_logits must have 1 to ",
-                    moekd::kMaxLevels, " levels for the cpu backend, got L=", L);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(temperatures.size()) == L &&
-                        static_cast<int64_t>(expert_strengths.size()) == L &&
-                        static_cast<int64_t>(level_weights.size()) == L,
-                    "one temperature, expert strength and level weight per level expected");
-  const auto student_dtype = kernel_dtype(student, "student_logits", false);
-  const auto teacher_dtype = kernel_dtype(teacher, "teacher_logits", true);
-  TORCH_CHECK_TYPE(!target.is_floating_point() && !target.is_complex() &&
-                       target.scalar_type() != at::kBool,
-                   "target must hold integer class indices, got ", target.scalar_type());
-
-  // Rows are read through their stride; only a strided class dimension forces a copy.
-  if (C > 1 && student.stride(1) != 1) student = student.contiguous();
-  if (C > 1 && teacher.stride(2) != 1) teacher = teacher.contiguous();
-  target = target.to(at::kLong).contiguous();
-
-  const auto stats_options = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({N}, stats_options);
-  at::Tensor log_likelihood = at::empty({N}, stats_options);
-  at::Tensor agreement = at::empty({N}, stats_options);
-  at::Tensor grad = at::empty({N, C}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  const moekd::binding::RowInputs in = moekd::binding::check_row_inputs(
+      student, teacher, target, temperatures, expert_strengths, level_weights, "cpu");
+  const auto student_dtype = kernel_dtype(in.student, "student_logits", false);
+  const auto teacher_dtype = kernel_dtype(in.teacher, "teacher_logits", true);
+  std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in);
+  at::Tensor &loss = out[0], &log_likelihood = out[1], &agreement = out[2], &grad = out[3];
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
 
   moekd::cpu::RowsArgs args;
-  args.num_rows = N;
-  args.num_classes = C;
-  args.student = student.data_ptr();
+  args.num_rows = in.N;
+  args.num_classes = in.C;
+  args.student = in.student.data_ptr();
   args.student_dtype = student_dtype;
-  args.student_row_stride = student.stride(0);
-  args.teacher = teacher.data_ptr();
+  args.student_row_stride = in.student.stride(0);
+  args.teacher = in.teacher.data_ptr();
   args.teacher_dtype = teacher_dtype;
-  args.teacher_level_stride = teacher.stride(0);
-  args.teacher_row_stride = teacher.stride(1);
-  args.target = target.data_ptr<int64_t>();
+  args.teacher_level_stride = in.teacher.stride(0);
+  args.teacher_row_stride = in.teacher.stride(1);
+  args.target = in.target.data_ptr<int64_t>();
   args.loss = loss.data_ptr<float>();
   args.log_likelihood = log_likelihood.data_ptr<float>();
   args.agreement = agreement.data_ptr<float>();
@@ -105,7 +82,7 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
   args.grad_scale = static_cast<float>(grad_scale);
 
   const moekd::Params params =
-      moekd::make_params(static_cast<int>(L), temperatures.data(), expert_strengths.data(),
+      moekd::make_params(static_cast<int>(in.L), temperatures.data(), expert_strengths.data(),
                          level_weights.data(), gate_weight, expert_weight, ignore_index);
   {
     // Pure C++ on raw pointers: other Python threads may run meanwhile.
@@ -113,7 +90,7 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
     moekd::cpu::moe_kd_rows(args, params,
                             static_cast<int>(num_threads > 0 ? num_threads : at::get_num_threads()));
   }
-  return {loss, log_likelihood, agreement, grad};
+  return out;
 }
 
 }  // namespace

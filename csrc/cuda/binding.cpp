@@ -9,18 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "common/binding_inputs.h"
 #include "cuda/moekd_cuda.h"
 
 namespace {
-
-// "[4, 10]". Error messages spell shapes with this rather than by streaming
-// t.sizes(): on the H100 machine (torch 2.11) an error message built that way
-// crashed the process (diagnosed 2026-11-26; streaming a c10::Device was fine).
-std::string shape_of(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
-  return out + "]";
-}
 
 moekd_cuda::DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -39,59 +31,38 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
                                 std::vector<double> level_weights, double gate_weight, double expert_weight,
                                 int64_t ignore_index, int64_t stream, int64_t path, int64_t prefetch,
                                 std::optional<at::Tensor> grad_scale) {
-  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits must be (N, C), got ", shape_of(student));
-  TORCH_CHECK_VALUE(teacher.dim() == 3, "teacher_logits must be (L, N, C), got ", shape_of(teacher));
-  TORCH_CHECK_VALUE(target.dim() == 1, "target must be (N,), got ", shape_of(target));
-  const int64_t N = student.size(0), C = student.size(1), L = teacher.size(0);
-  TORCH_CHECK_VALUE(teacher.size(1) == N && teacher.size(2) == C, "teacher_logits must be (L, ", N, ", ", C,
-                    "), got ", shape_of(teacher));
-  TORCH_CHECK_VALUE(target.size(0) == N, "target must have ", N, " entries, got ", target.size(0));
-  TORCH_CHECK_VALUE(L >= 1 && L <= moekd::kMaxLevels, "teacher_logits must have 1 to ", moekd::kMaxLevels,
-                    " levels for the cuda backend, got ", L);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(temperatures.size()) == L &&
-                        static_cast<int64_t>(expert_strengths.size()) == L &&
-                        static_cast<int64_t>(level_weights.size()) == L,
-                    "need one temperature, expert strength and level weight per level");
-  TORCH_CHECK_VALUE(C >= 1 && C < (int64_t{1} << 31), "C must be in [1, 2^31), got ", C);
-  TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && target.is_cuda(),
-              "the cuda backend needs CUDA tensors");
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && target.is_cuda(), "the cuda backend needs CUDA tensors");
   TORCH_CHECK(teacher.device() == student.device() && target.device() == student.device(),
               "student_logits, teacher_logits and target must be on one device");
+  const moekd::binding::RowInputs in = moekd::binding::check_row_inputs(
+      student, teacher, target, temperatures, expert_strengths, level_weights, "cuda");
+  const int64_t N = in.N, C = in.C;
+  TORCH_CHECK_VALUE(C >= 1 && C < (int64_t{1} << 31), "C must be in [1, 2^31), got ", C);
   // Read by the kernel, never here: a host read would synchronise with the device.
   const bool scaled = grad_scale.has_value() && grad_scale->defined();
   if (scaled) {
     TORCH_CHECK_TYPE(grad_scale->scalar_type() == at::kFloat, "grad_scale must be float32 for the cuda backend, got ",
                      grad_scale->scalar_type());
-    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "grad_scale must hold one value, got shape ", shape_of(*grad_scale));
+    TORCH_CHECK_VALUE(grad_scale->numel() == 1, "grad_scale must hold one value, got shape ",
+                      moekd::binding::shape_of(*grad_scale));
     TORCH_CHECK(grad_scale->device() == student.device(), "grad_scale must be on the student's device (",
                 student.device(), "), got ", grad_scale->device());
   }
-  const moekd_cuda::DType student_dtype = to_dtype(student, "student_logits");
-  const moekd_cuda::DType teacher_dtype = to_dtype(teacher, "teacher_logits");
-  TORCH_CHECK_TYPE(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool,
-                   "target must hold integer class indices, got ", target.scalar_type());
-
-  // The kernel reads whole rows with unit element stride; copy only when that fails.
-  if (C > 1 && student.stride(1) != 1) student = student.contiguous();
-  if (C > 1 && teacher.stride(2) != 1) teacher = teacher.contiguous();
-  target = target.to(at::kLong).contiguous();
-
-  const auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({N}, f32);
-  at::Tensor log_likelihood = at::empty({N}, f32);
-  at::Tensor agreement = at::empty({N}, f32);
-  at::Tensor grad = at::empty({N, C}, student.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0) return {loss, log_likelihood, agreement, grad};
+  const moekd_cuda::DType student_dtype = to_dtype(in.student, "student_logits");
+  const moekd_cuda::DType teacher_dtype = to_dtype(in.teacher, "teacher_logits");
+  std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in);
+  if (N == 0) return out;
+  const at::Tensor &loss = out[0], &log_likelihood = out[1], &agreement = out[2], &grad = out[3];
 
   moekd_cuda::LaunchArgs args{};
-  args.student = student.data_ptr();
-  args.student_row_stride = student.stride(0);
+  args.student = in.student.data_ptr();
+  args.student_row_stride = in.student.stride(0);
   args.student_dtype = student_dtype;
-  args.teacher = teacher.data_ptr();
-  args.teacher_level_stride = teacher.stride(0);
-  args.teacher_row_stride = teacher.stride(1);
+  args.teacher = in.teacher.data_ptr();
+  args.teacher_level_stride = in.teacher.stride(0);
+  args.teacher_row_stride = in.teacher.stride(1);
   args.teacher_dtype = teacher_dtype;
-  args.target = reinterpret_cast<const long long*>(target.data_ptr<int64_t>());
+  args.target = reinterpret_cast<const long long*>(in.target.data_ptr<int64_t>());
   args.loss = loss.data_ptr<float>();
   args.log_likelihood = log_likelihood.data_ptr<float>();
   args.agreement = agreement.data_ptr<float>();
@@ -99,7 +70,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   args.grad_scale = scaled ? grad_scale->data_ptr<float>() : nullptr;
   args.num_rows = N;
   args.num_classes = C;
-  args.params = moekd::make_params(static_cast<int>(L), temperatures.data(), expert_strengths.data(),
+  args.params = moekd::make_params(static_cast<int>(in.L), temperatures.data(), expert_strengths.data(),
                                    level_weights.data(), gate_weight, expert_weight, ignore_index);
   args.path = static_cast<int>(path);
   args.prefetch = prefetch != 0 ? 1 : 0;
@@ -107,7 +78,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   args.stream = reinterpret_cast<void*>(static_cast<intptr_t>(stream));
   const char* error = moekd_cuda::launch(args);
   TORCH_CHECK(error == nullptr, error ? error : "");
-  return {loss, log_likelihood, agreement, grad};
+  return out;
 }
 
 moekd_cuda::DType dtype_from_name(const std::string& name) {
