@@ -23,19 +23,23 @@ BAD_OPTIONS = [
     ({"temperature": math.inf}, ValueError, "temperature"),
     ({"temperature": math.nan}, ValueError, "temperature"),
     ({"temperature": "hot"}, TypeError, "temperature"),
-    ({"temperature": [1.0, 2.0]}, ValueError, "temperature"),           # L = 1
+    ({"temperature": [1.0, 2.0], "expert_strength": [1.0, 2.0, 3.0]}, ValueError, "expert_strength"),
+    ({"temperature": 1e-5}, ValueError, "temperature"),
+    ({"temperature": 1e5}, ValueError, "temperature"),
     ({"expert_strength": -0.5}, ValueError, "expert_strength"),
     ({"expert_strength": MAX_EXPERT_STRENGTH + 1}, ValueError, "expert_strength"),
     ({"expert_strength": math.nan}, ValueError, "expert_strength"),
-    ({"expert_strength": [1.0, 2.0, 3.0]}, ValueError, "expert_strength"),
     ({"level_weights": [-1.0]}, ValueError, "level_weights"),
     ({"level_weights": [0.0]}, ValueError, "level_weights"),
-    ({"level_weights": [1.0, 1.0]}, ValueError, "level_weights"),
+    ({"level_weights": [1.0, 1.0], "temperature": [1.0, 2.0, 3.0]}, ValueError, "level_weights"),
+    ({"level_weights": [0.0, 0.0]}, ValueError, "level_weights"),
     ({"level_weights": 1.0}, TypeError, "level_weights"),
     ({"gate_weight": -1.0}, ValueError, "gate_weight"),
     ({"gate_weight": math.inf}, ValueError, "gate_weight"),
+    ({"gate_weight": 1e39}, ValueError, "gate_weight"),
     ({"expert_weight": -0.1}, ValueError, "expert_weight"),
     ({"expert_weight": None}, TypeError, "expert_weight"),
+    ({"expert_weight": 1e39}, ValueError, "expert_weight"),
     ({"ignore_index": 1.5}, TypeError, "ignore_index"),
     ({"ignore_index": True}, TypeError, "ignore_index"),
     ({"reduction": "avg"}, ValueError, "reduction"),
@@ -56,7 +60,7 @@ def test_unknown_backend_lists_the_valid_ones(inputs):
 
 
 def test_errors_say_what_was_given(inputs):
-    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got -2.0"):
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[0.0001, 10000\], got -2.0"):
         fused_moe_kd_loss(*inputs, temperature=-2.0)
     with pytest.raises(ValueError, match=r"expert_strength\[1\].*got -1.0"):
         fused_moe_kd_loss(inputs[0], torch.stack([inputs[1]] * 2), inputs[2], expert_strength=[1.0, -1.0])
