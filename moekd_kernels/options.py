@@ -44,6 +44,12 @@ MAX_TERM_WEIGHT = 1e8
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
+# Formatted once here: under torch.compile(dynamic=True) even these module floats are
+# symbolic while tracing, and f-strings cannot format a symbolic float.
+_TEMPERATURE_RANGE = f"a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+_STRENGTH_RANGE = f"a finite number in [0, {MAX_EXPERT_STRENGTH:g}]"
+_TERM_WEIGHT_RANGE = f"a number in [0, {MAX_TERM_WEIGHT:g}]"
+
 
 @dataclass(frozen=True)
 class MoEKDOptions:
@@ -171,10 +177,10 @@ def resolve_options(
 ) -> MoEKDOptions:
     temperatures = _per_level("temperature", temperature, num_levels)
     _check_range("temperature", temperatures, low=MIN_TEMPERATURE, low_inclusive=True,
-                 high=MAX_TEMPERATURE, expected=f"a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+                 high=MAX_TEMPERATURE, expected=_TEMPERATURE_RANGE)
     strengths = _per_level("expert_strength", expert_strength, num_levels)
     _check_range("expert_strength", strengths, low=0.0, low_inclusive=True,
-                 high=MAX_EXPERT_STRENGTH, expected=f"a finite number in [0, {MAX_EXPERT_STRENGTH:g}]")
+                 high=MAX_EXPERT_STRENGTH, expected=_STRENGTH_RANGE)
 
     if level_weights is None:
         weights = (1.0 / num_levels,) * num_levels
@@ -193,13 +199,12 @@ def resolve_options(
             raise ValueError(f"level_weights must have a positive sum, got {list(raw)}")
         weights = _normalise(raw)
 
-    weight_range = f"a number in [0, {MAX_TERM_WEIGHT:g}]"
     gate = _as_float("gate_weight", gate_weight)
     _check_range("gate_weight", (gate,), low=0.0, low_inclusive=True, high=MAX_TERM_WEIGHT,
-                 expected=weight_range)
+                 expected=_TERM_WEIGHT_RANGE)
     expert = _as_float("expert_weight", expert_weight)
     _check_range("expert_weight", (expert,), low=0.0, low_inclusive=True, high=MAX_TERM_WEIGHT,
-                 expected=weight_range)
+                 expected=_TERM_WEIGHT_RANGE)
 
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
         raise TypeError(f"ignore_index must be an int, got {_describe(ignore_index)}")
