@@ -20,6 +20,14 @@ gradient of the returned loss ("mean" passes 1/n_valid, a device scalar, into
 the kernel), so backward only scales it by grad_output, and skips that N×C
 pass where grad_output is 1, as it is for ``loss.backward()``. The check runs
 on the device (the GPU scaling kernel returns early), never as a host sync.
+
+What the op's body does besides calling the backend, and why there: it checks CPU
+targets (and a CPU ``num_items_in_batch``), because the body runs eagerly even inside
+a compiled graph, so a compiled call raises the eager ValueError instead of tracing
+past it. ``need_grad=False`` (no_grad, inference_mode, logits without grad) skips the
+gradient pass; the gradient output is then an empty (0,) placeholder. Backward gives
+a first-order gradient only, and is refused, in the library's words, for a double
+backward or a second backward through the same result.
 """
 
 from __future__ import annotations

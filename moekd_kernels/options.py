@@ -158,9 +158,10 @@ def _normalise(weights: Tuple[float, ...]) -> Tuple[float, ...]:
     if any(_is_symbolic(w) for w in weights):
         total = sum(weights)
         return tuple(w / total for w in weights)
-    # Scaling by a power of two is exact, so the ratios are those of the given weights.
-    scale = math.ldexp(1.0, -math.frexp(max(weights))[1])
-    scaled = [w * scale for w in weights]
+    # Scaling by a power of two (ldexp, so 2**-e itself never overflows) is exact: the
+    # ratios are those of the given weights, and the sum of the scaled ones cannot overflow.
+    exponent = math.frexp(max(weights))[1]
+    scaled = [math.ldexp(w, -exponent) for w in weights]
     total = math.fsum(scaled)
     return tuple(w / total for w in scaled)
 

@@ -230,6 +230,9 @@ def test_huge_level_weights_are_normalised_not_overflowed(inputs):
     opts = resolve_options(2, temperature=1.0, expert_strength=1.0, level_weights=[4e307, 1.2e308],
                            gate_weight=1.0, expert_weight=1.0, ignore_index=-100)
     assert opts.level_weights == (0.25, 0.75)
+    tiny = resolve_options(2, temperature=1.0, expert_strength=1.0, level_weights=[1e-320, 3e-320],
+                           gate_weight=1.0, expert_weight=1.0, ignore_index=-100)
+    assert tiny.level_weights == (0.25, 0.75)
     huge = fused_moe_kd_loss(s, teacher, y, level_weights=[1e308, 1e308])
     assert torch.equal(huge, fused_moe_kd_loss(s, teacher, y, level_weights=[1.0, 1.0]))
     with pytest.raises(ValueError, match=r"level_weights\[1\] must be a finite number >= 0, got inf"):
