@@ -334,8 +334,9 @@ def check_num_items_in_batch(value, reduction: str, device: torch.device):
                 "num_items_in_batch must be an int or a 0-dim integer or floating tensor, got "
                 f"{_describe(value)}"
             )
-        # A CPU count for GPU logits is moved without waiting for the device.
-        return value.to(device, non_blocking=True)
+        # A CPU count for GPU logits is moved without waiting for the device; a count is a
+        # constant of the loss, never differentiated.
+        return value.detach().to(device, non_blocking=True)
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"num_items_in_batch must be an int or a 0-dim tensor, got {_describe(value)}")
     if not value > 0:

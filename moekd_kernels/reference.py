@@ -126,7 +126,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # Rows per block: about 2^18 elements (1 MiB in float32) per block-sized temporary.
-# _moe_kd_rows holds a few dozen of them at once (more with many levels); blocks keep
+# _moe_kd_rows holds one or two dozen of them at once (more with many levels); blocks keep
 # that far below one N×C buffer, so the reference's own memory is the gradient it
 # returns, or nothing when no gradient is asked for.
 _BLOCK_ELEMENTS = 1 << 18
