@@ -2,14 +2,18 @@
 
 Every backend implements the same contract (see ``reference.reference_forward``):
 
-    forward(student (N, C), teacher (L, N, C), target (N,), opts, grad_scale=None)
-        -> (loss (N,), log_likelihood (N,), agreement (N,), grad (N, C))
+    forward(student (N, C), teacher (L, N, C), target (N,) int64, opts, grad_scale=None,
+            need_grad=True)
+        -> (loss (N,), log_likelihood (N,), agreement (N,), grad (N, C) or None)
 
 ``loss`` and the stats are float32 (float64 for float64 student logits), and
 ``grad`` a new buffer in the student's dtype: the gradient of the per-row loss
 times ``grad_scale``, a 0-dim tensor on the student's device (None = 1) that a
-kernel reads on the device and applies before rounding to that dtype. Kernel modules are imported
-lazily, so a missing compiler or Triton only matters to the backend that needs it.
+kernel reads on the device and applies before rounding to that dtype. With
+``need_grad=False`` a backend runs no gradient pass, allocates no N×C buffer and
+returns None. The teacher may have level stride 0 (one head used at L temperatures):
+a backend reads such a view in place. Kernel modules are imported lazily, so a
+missing compiler or Triton only matters to the backend that needs it.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
 from .options import (
     PerLevel,
+    check_num_items_in_batch,
     check_reduction,
-    check_target_values,
     flatten_inputs,
+    option_levels,
     resolve_options,
 )
 
@@ -47,29 +48,49 @@ def fused_moe_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
 ) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
     """MoE-KD distillation loss with its gradient fused into the forward pass.
 
     Args:
         student_logits: ``(..., C)`` float32, bfloat16, float16 or float64.
         teacher_logits: ``(..., C)`` for one level or ``(L, ..., C)`` for L levels;
-            any floating dtype. Treated as constants: they get no gradient.
-        target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``.
-        temperature: τ, one float or one per level (> 0).
+            any floating dtype. Treated as constants: they get no gradient. A
+            ``(..., C)`` teacher with per-level option sequences of length L is L
+            levels of the same logits (e.g. one head at L temperatures), not copied.
+        target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``
+            (int64, int32, int16, int8 or uint8; compared as int64).
+        temperature: τ, one float or one per level, in [1e-4, 1e4].
         expert_strength: β, one float or one per level (in [0, 50]).
         level_weights: one weight per level (>= 0, normalised to sum 1); default uniform.
-        gate_weight: λ_g, weight of the gate term (student learns the corrected teacher).
-        expert_weight: λ_e, weight of the expert log-likelihood term.
+        gate_weight: λ_g, weight of the gate term (student learns the corrected teacher),
+            in [0, 1e8].
+        expert_weight: λ_e, weight of the expert log-likelihood term, in [0, 1e8].
         ignore_index: rows with this target contribute 0 and get a zero gradient.
         reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"``.
         backend: ``"auto"`` or a name from ``moekd_kernels.backend_names()``.
         return_stats: also return :class:`MoEKDStats`.
+        num_items_in_batch: an int > 0 or a 0-dim tensor (never read on the host):
+            the loss is then the sum over non-ignored rows divided by it, the Hugging
+            Face / TRL convention for gradient accumulation (the token count of all
+            micro-batches of one optimizer step). Only with ``reduction="mean"``, whose
+            divisor it replaces.
+
+    The gradient is computed in the forward pass only when it can be needed (grad
+    mode on and ``student_logits.requires_grad``); evaluation under ``torch.no_grad()``
+    or ``torch.inference_mode()`` skips it and its N×C buffer. The gradient is first
+    order: double backward (``create_graph=True``) through the loss raises.
 
     Returns:
         The loss (float32; float64 for float64 logits), scalar or shaped like
         ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
     """
-    student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target)
+    shared_levels = None
+    if isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor) \
+            and teacher_logits.shape == student_logits.shape:
+        shared_levels = option_levels(temperature, expert_strength, level_weights)
+    student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target,
+                                                       shared_levels)
     opts = resolve_options(
         teacher_3d.shape[0],
         temperature=temperature,
@@ -82,8 +103,11 @@ def fused_moe_kd_loss(
     check_reduction(reduction)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-    check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
+    num_items = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
     chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels)
+    # Under no_grad / inference_mode (grad mode off) or for logits that need no gradient,
+    # the backends skip the gradient pass and its N×C buffer.
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
 
     loss, log_likelihood, agreement, _ = moe_kd_loss(
         student_2d,
@@ -97,6 +121,8 @@ def fused_moe_kd_loss(
         opts.ignore_index,
         chosen,
         reduction,
+        need_grad,
+        num_items,
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)
@@ -127,13 +153,8 @@ class MoEKDLoss(nn.Module):
         # Fail at construction for what can be checked without the tensors.
         check_reduction(reduction)
         check_backend_name(backend)
-        num_levels = len(temperature) if isinstance(temperature, (list, tuple)) else 1
-        if num_levels == 1 and isinstance(expert_strength, (list, tuple)):
-            num_levels = len(expert_strength)
-        if num_levels == 1 and level_weights is not None and len(level_weights) > 0:
-            num_levels = len(level_weights)
         resolve_options(
-            num_levels,
+            option_levels(temperature, expert_strength, level_weights) or 1,
             temperature=temperature,
             expert_strength=expert_strength,
             level_weights=level_weights,
@@ -151,7 +172,9 @@ class MoEKDLoss(nn.Module):
         self.backend = backend
         self.return_stats = return_stats
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
+                num_items_in_batch: Optional[Union[int, Tensor]] = None):
+        """See :func:`fused_moe_kd_loss`; ``num_items_in_batch`` is per call (it changes per batch)."""
         return fused_moe_kd_loss(
             student_logits,
             teacher_logits,
@@ -165,6 +188,7 @@ class MoEKDLoss(nn.Module):
             reduction=self.reduction,
             backend=self.backend,
             return_stats=self.return_stats,
+            num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:
