@@ -47,6 +47,7 @@ def fused_moe_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    process_group=None,
 ) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
     """MoE-KD distillation loss with its gradient fused into the forward pass.
 
@@ -64,11 +65,22 @@ def fused_moe_kd_loss(
         reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"``.
         backend: ``"auto"`` or a name from ``moekd_kernels.backend_names()``.
         return_stats: also return :class:`MoEKDStats`.
+        process_group: a ``torch.distributed`` group over which the classes are sharded:
+            each rank passes the logits of its contiguous class slice (in rank order) and
+            the global target, and gets the unsharded loss and its slice's gradient.
 
     Returns:
         The loss (float32; float64 for float64 logits), scalar or shaped like
         ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
     """
+    if process_group is not None:
+        from .vocab_parallel import sharded_moe_kd_loss
+
+        return sharded_moe_kd_loss(
+            student_logits, teacher_logits, target, process_group=process_group,
+            temperature=temperature, expert_strength=expert_strength, level_weights=level_weights,
+            gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,
+            reduction=reduction, num_items_in_batch=None, backend=backend, return_stats=return_stats)
     student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target)
     opts = resolve_options(
         teacher_3d.shape[0],
