@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
+from .phases import phased_moe_kd_loss
+from .teachers import TopKTeacher
 from .options import (
     PerLevel,
     check_reduction,
@@ -54,7 +56,8 @@ def fused_moe_kd_loss(
     Args:
         student_logits: ``(..., C)`` float32, bfloat16, float16 or float64.
         teacher_logits: ``(..., C)`` for one level or ``(L, ..., C)`` for L levels;
-            any floating dtype. Treated as constants: they get no gradient.
+            any floating dtype; or a :class:`TopKTeacher`. Treated as constants: they
+            get no gradient.
         target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``.
         temperature: τ, one float or one per level (> 0).
         expert_strength: β, one float or one per level (in [0, 50]).
@@ -73,10 +76,8 @@ def fused_moe_kd_loss(
         The loss (float32; float64 for float64 logits), scalar or shaped like
         ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
     """
-    if process_group is not None:
-        from .vocab_parallel import sharded_moe_kd_loss
-
-        return sharded_moe_kd_loss(
+    if process_group is not None or isinstance(teacher_logits, TopKTeacher):
+        return phased_moe_kd_loss(
             student_logits, teacher_logits, target, process_group=process_group,
             temperature=temperature, expert_strength=expert_strength, level_weights=level_weights,
             gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,

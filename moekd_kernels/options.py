@@ -208,3 +208,28 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
             f"target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}, "
             f"got {value}"
         )
+
+
+def per_level_count(teacher_levels: int, *per_level_options) -> int:
+    """L: the teacher's own level count, or, for one teacher head, the length of the
+    per-level option lists (one head at several temperatures)."""
+    if teacher_levels > 1:
+        return teacher_levels
+    lengths = {len(v) for v in per_level_options if isinstance(v, (list, tuple))}
+    return max(lengths) if lengths else 1
+
+
+def resolve_num_items(num_items_in_batch, reduction: str):
+    """The divisor of the summed loss: an int > 0, a 0-dim tensor (never read on the host), or None."""
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, torch.Tensor)):
+        raise TypeError(f"num_items_in_batch must be None, an int or a 0-dim tensor, "
+                        f"got {_describe(num_items_in_batch)}")
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.dim() != 0:
+        raise ValueError(f"num_items_in_batch must be a 0-dim tensor, got {_describe(num_items_in_batch)}")
+    if isinstance(num_items_in_batch, int) and num_items_in_batch <= 0:
+        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    if reduction == "none":
+        raise ValueError("num_items_in_batch divides the summed loss; it cannot be used with reduction='none'")
+    return num_items_in_batch

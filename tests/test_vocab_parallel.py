@@ -116,7 +116,32 @@ def _conformance_worker(rank: int, world: int, port: int) -> None:
             assert bool((err <= bound).all()), \
                 f"world {world} rank {rank} seed {seed} {name}: max err {float(err.max()):.3g}"
         assert shard.grad.dtype == dtype
+    _check_sharded_top_k_teacher(rank, offsets)
     dist.destroy_process_group()
+
+
+def _check_sharded_top_k_teacher(rank: int, offsets) -> None:
+    """A TopKTeacher holds global class indices, the same on every rank."""
+    from moekd_kernels import TopKTeacher, fused_moe_kd_loss
+
+    g = torch.Generator().manual_seed(11)
+    num_classes = offsets[-1]
+    student = 3 * torch.randn(6, num_classes, generator=g)
+    teacher_logits = 3 * torch.randn(6, num_classes, generator=g)
+    target = torch.randint(0, num_classes, (6,), generator=g)
+    indices = teacher_logits.topk(4, dim=-1).indices
+    values = torch.log_softmax(teacher_logits, -1).gather(1, indices)
+    teacher = TopKTeacher(indices, values, "logprobs")
+    lo, hi = offsets[rank], offsets[rank + 1]
+    shard = student[:, lo:hi].clone().requires_grad_(True)
+    loss = fused_moe_kd_loss(shard, teacher, target, process_group=dist.group.WORLD, reduction="sum")
+    loss.backward()
+    full = student.clone().requires_grad_(True)
+    expected = fused_moe_kd_loss(full, teacher, target, reduction="sum")
+    expected.backward()
+    assert abs(float(loss) - float(expected)) <= 1e-5 * abs(float(expected)), (float(loss), float(expected))
+    bound = 1e-5 * full.grad.abs().max()
+    assert bool(((shard.grad - full.grad[:, lo:hi]).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
