@@ -5,11 +5,13 @@
 
 from .backends import available_backends, backend_names, describe_auto
 from .loss import MoEKDLoss, MoEKDStats, fused_moe_kd_loss
+from .teachers import TopKTeacher
 
 __all__ = [
     "fused_moe_kd_loss",
     "MoEKDLoss",
     "MoEKDStats",
+    "TopKTeacher",
     "available_backends",
     "backend_names",
     "describe_auto",

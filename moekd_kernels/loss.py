@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
+from .phases import phased_moe_kd_loss
+from .teachers import TopKTeacher
 from .options import (
     PerLevel,
     check_num_items_in_batch,
@@ -49,15 +51,17 @@ def fused_moe_kd_loss(
     backend: str = "auto",
     return_stats: bool = False,
     num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    process_group=None,
 ) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
     """MoE-KD distillation loss with its gradient fused into the forward pass.
 
     Args:
         student_logits: ``(..., C)`` float32, bfloat16, float16 or float64.
         teacher_logits: ``(..., C)`` for one level or ``(L, ..., C)`` for L levels;
-            any floating dtype. Treated as constants: they get no gradient. A
-            ``(..., C)`` teacher with per-level option sequences of length L is L
-            levels of the same logits (e.g. one head at L temperatures), not copied.
+            any floating dtype; or a :class:`TopKTeacher` (a teacher stored as its top-k).
+            Treated as constants: they get no gradient. A ``(..., C)`` teacher with
+            per-level option sequences of length L is L levels of the same logits
+            (e.g. one head at L temperatures), not copied.
         target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``
             (int64, int32, int16, int8 or uint8; compared as int64).
         temperature: τ, one float or one per level, in [1e-4, 1e4].
@@ -75,6 +79,9 @@ def fused_moe_kd_loss(
             Face / TRL convention for gradient accumulation (the token count of all
             micro-batches of one optimizer step). Only with ``reduction="mean"``, whose
             divisor it replaces.
+        process_group: a ``torch.distributed`` group over which the classes are sharded:
+            each rank passes the logits of its contiguous class slice (in rank order) and
+            the global target, and gets the unsharded loss and stats and its slice's gradient.
 
     The gradient is computed in the forward pass only when it can be needed (grad
     mode on and ``student_logits.requires_grad``); evaluation under ``torch.no_grad()``
@@ -85,6 +92,13 @@ def fused_moe_kd_loss(
         The loss (float32; float64 for float64 logits), scalar or shaped like
         ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
     """
+    if process_group is not None or isinstance(teacher_logits, TopKTeacher):
+        return phased_moe_kd_loss(
+            student_logits, teacher_logits, target, process_group=process_group,
+            temperature=temperature, expert_strength=expert_strength, level_weights=level_weights,
+            gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
+            return_stats=return_stats)
     shared_levels = None
     if isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor) \
             and teacher_logits.shape == student_logits.shape:

@@ -1,0 +1,416 @@
+"""The loss in three phases over a slice of the classes, in PyTorch.
+
+The fused kernels take a whole row in one call. A caller that holds only a
+contiguous slice of each row's classes (vocab-parallel training) needs the same
+math split where the sums over classes are, so that it can combine the slices'
+partial results between the phases (docs/math.md, "Extensions"):
+
+1. ``row_maxima`` then ``row_sums_of_exp``: the per-row maxima of s and of
+   t_ℓ/τ_ℓ, then, given the global maxima, the sums of exp(s − M), exp((s − M)/τ_ℓ)
+   and exp(t_ℓ/τ_ℓ − M_ℓ). Combined across slices by MAX, then by SUM.
+2. ``estep_sums``: given the global log-normalisers, the per-row sums of the
+   u-weighted terms of the E-step over this slice. Combined by SUM.
+3. ``finalize`` (the same on every slice, from the combined sums) gives the loss,
+   the stats and the row constants A and R_ℓ, and ``slice_gradient`` the gradient
+   of this slice's classes.
+
+All of it is O(L·N·C_r) work in the accumulation dtype (float32, or float64 for
+float64 logits), with only per-row vectors crossing between phases.
+
+The teacher enters through a loader with three duties (its maxima, its sums of
+exponentials, and the gate π times a dense factor): ``DenseTeacherSlice`` reads
+logits, ``TopKTeacherSlice`` a stored top-k teacher (K entries per row and one
+value for every unlisted class), so a sparse teacher never becomes an N×C tensor.
+``phased_loss`` runs the phases with a ``combine`` step between them: identity on
+one device, all-reduces over a process group (``vocab_parallel.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .options import MoEKDOptions
+from .reference import accumulation_dtype
+
+
+class Normalisers(NamedTuple):
+    """Global per-row log-normalisers: log σ = s − lse_s, log q_ℓ = (s − max_s)/τ_ℓ − log_z_q[ℓ],
+    log π_ℓ = t_ℓ/τ_ℓ − lse_t[ℓ]."""
+
+    max_s: Tensor    # (N,)
+    lse_s: Tensor    # (N,)
+    log_z_q: Tensor  # (L, N)
+    lse_t: Tensor    # (L, N)
+
+
+class RowTerms(NamedTuple):
+    """What phase 3 needs per row, and what the caller reports."""
+
+    loss: Tensor            # (N,) unreduced; 0 at ignored rows
+    log_likelihood: Tensor  # (N,)
+    agreement: Tensor       # (N,)
+    inv_G: Tensor           # (N,)
+    A: Tensor               # (N,)   Σ_ℓc r_ℓc / D_ℓc
+    R: Tensor               # (L, N) Σ_c r_ℓc
+
+
+def _inv_tau(opts: MoEKDOptions, acc: torch.dtype, device) -> Tensor:
+    return torch.tensor([1.0 / t for t in opts.temperatures], dtype=acc, device=device)
+
+
+class DenseTeacherSlice:
+    """Teacher logits (L, N, C_r) of this slice's classes."""
+
+    def __init__(self, logits: Tensor, opts: MoEKDOptions, acc: torch.dtype) -> None:
+        self.scaled = logits.to(acc) * _inv_tau(opts, acc, logits.device)[:, None, None]  # t_ℓ/τ_ℓ
+
+    def maxima(self) -> Tensor:
+        return self.scaled.amax(2)
+
+    def sums_of_exp(self, maxima: Tensor) -> Tensor:
+        return (self.scaled - maxima[:, :, None]).exp().sum(2)
+
+    def gate_times(self, factor: Tensor, lse: Tensor) -> Tensor:
+        """factor (L, N, C_r) · π_ℓ, with π_ℓ = exp(t_ℓ/τ_ℓ − lse_ℓ)."""
+        return factor * (self.scaled - lse[:, :, None]).exp()
+
+
+def rest_logit(values: Tensor, listed: Tensor, num_classes: int) -> Tensor:
+    """log(ρ / (C − K′)) per row of top-k log-probabilities, −inf when no mass or no class is
+    left. In float64 whatever the values' dtype: at temperature τ the unlisted classes
+    weigh ρ^(1/τ), so a float32 rounding of ρ ≈ 0 (6e-8 for 1e-16) would grow by orders
+    of magnitude."""
+    values = values.double()
+    mass_left = (1.0 - torch.where(listed, values.exp(), 0.0).sum(-1)).clamp_min(0.0)
+    num_unlisted = num_classes - listed.sum(-1)
+    return torch.where(num_unlisted > 0, (mass_left / num_unlisted.clamp_min(1)).log(), -math.inf)
+
+
+class TopKTeacherSlice:
+    """A top-k teacher (docs/math.md, "Extensions"): for each level and row, K listed classes
+    with their values (−inf: padding), and one logit shared by every unlisted class:
+    −inf for kind "logits" (the teacher truncated to its top K), log(ρ / (C − K′)) for
+    kind "logprobs" (the mass left, spread evenly). This slice holds the global classes
+    [class_offset, class_offset + width) of C in all.
+    """
+
+    def __init__(self, indices: Tensor, values: Tensor, kind: str, num_classes: int,
+                 class_offset: int, width: int, opts: MoEKDOptions, acc: torch.dtype) -> None:
+        values = values.to(acc)
+        listed = ~torch.isneginf(values)  # −inf is padding; NaN is data and propagates
+        inv_tau = _inv_tau(opts, acc, values.device)[:, None]
+        num_listed = listed.sum(2)
+        if kind == "logits":
+            rest = torch.full(num_listed.shape, -math.inf, dtype=acc, device=values.device)
+        else:
+            rest = rest_logit(values, listed, num_classes).to(acc)
+        local = indices.long() - class_offset
+        self.in_slice = listed & (local >= 0) & (local < width)
+        # Entries outside the slice are sent to a spare column past its end.
+        self.local = torch.where(self.in_slice, local, torch.full_like(local, width))
+        self.scaled = torch.where(self.in_slice, values * inv_tau[:, :, None], -math.inf)
+        self.rest_scaled = rest * inv_tau                       # (L, N)
+        self.num_rest = width - self.in_slice.sum(2)           # unlisted classes in this slice
+        self.width = width
+
+    def maxima(self) -> Tensor:
+        rest = torch.where(self.num_rest > 0, self.rest_scaled, -math.inf)
+        return torch.maximum(self.scaled.amax(2), rest)
+
+    def sums_of_exp(self, maxima: Tensor) -> Tensor:
+        listed = (self.scaled - maxima[:, :, None]).exp().sum(2)
+        rest = torch.where(self.num_rest > 0, self.num_rest * (self.rest_scaled - maxima).exp(), 0.0)
+        return listed + rest
+
+    def gate_times(self, factor: Tensor, lse: Tensor) -> Tensor:
+        out = torch.cat([factor * (self.rest_scaled - lse).exp()[:, :, None],
+                         factor.new_zeros(factor.shape[:2] + (1,))], dim=2)
+        listed = torch.cat([factor, factor.new_zeros(factor.shape[:2] + (1,))], dim=2).gather(2, self.local)
+        listed = listed * (self.scaled - lse[:, :, None]).exp()
+        return out.scatter(2, self.local, listed)[:, :, :self.width]
+
+
+def row_maxima(student: Tensor, teacher, acc: torch.dtype) -> Tensor:
+    """(1 + L, N): max_c s, then max_c t_ℓ/τ_ℓ per level. Combine by MAX."""
+    return torch.cat([student.to(acc).amax(1)[None], teacher.maxima()])
+
+
+def row_sums_of_exp(student: Tensor, teacher, opts: MoEKDOptions, maxima: Tensor) -> Tensor:
+    """(1 + 2L, N): Σ exp(s − M), Σ_ℓ exp((s − M)/τ_ℓ), Σ_ℓ exp(t_ℓ/τ_ℓ − M_ℓ), with the
+    global maxima M. Combine by SUM."""
+    acc = maxima.dtype
+    shifted = student.to(acc) - maxima[0][:, None]
+    inv_tau = _inv_tau(opts, acc, student.device)
+    z_s = shifted.exp().sum(1)
+    z_q = (shifted[None] * inv_tau[:, None, None]).exp().sum(2)
+    return torch.cat([z_s[None], z_q, teacher.sums_of_exp(maxima[1:])])
+
+
+def normalisers(maxima: Tensor, sums: Tensor, num_levels: int) -> Normalisers:
+    max_s = maxima[0]
+    return Normalisers(max_s, max_s + sums[0].log(), sums[1:1 + num_levels].log(),
+                       maxima[1:] + sums[1 + num_levels:].log())
+
+
+class _SliceTerms(NamedTuple):
+    sigma: Tensor     # (N, C_r)
+    log_q: Tensor     # (L, N, C_r)
+    D: Tensor         # (L, N, C_r)
+    u: Tensor         # (L, N, C_r)
+    onehot: Tensor    # (N, C_r) bool: the target's class, where this slice holds it
+    owns_y: Tensor    # (N,) bool
+    local_y: Tensor   # (N, 1) the target's index in this slice (0 where not held)
+
+
+def _slice_terms(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
+                 norm: Normalisers, class_offset: int) -> _SliceTerms:
+    acc = norm.lse_s.dtype
+    num_classes = student.shape[1]
+    s = student.to(acc)
+    log_sigma = s - norm.lse_s[:, None]
+    sigma = log_sigma.exp()
+    inv_tau = _inv_tau(opts, acc, s.device)
+    log_q = (s - norm.max_s[:, None])[None] * inv_tau[:, None, None] - norm.log_z_q[:, :, None]
+
+    local = target.long() - class_offset
+    owns_y = (target != opts.ignore_index) & (local >= 0) & (local < num_classes)
+    local_y = torch.where(owns_y, local, torch.zeros_like(local))[:, None]
+    onehot = torch.zeros_like(s, dtype=torch.bool).scatter_(1, local_y, owns_y[:, None])
+
+    expm1_beta = torch.tensor([math.expm1(b) for b in opts.expert_strengths], dtype=acc, device=s.device)
+    exp_beta = torch.tensor([math.exp(b) for b in opts.expert_strengths], dtype=acc, device=s.device)
+    weights = torch.tensor(opts.level_weights, dtype=acc, device=s.device)
+    D = 1.0 + expm1_beta[:, None, None] * sigma[None]
+    boost = torch.where(onehot[None], exp_beta[:, None, None], torch.ones((), dtype=acc, device=s.device))
+    u = teacher.gate_times(weights[:, None, None] * boost / D, norm.lse_t)
+    return _SliceTerms(sigma, log_q, D, u, onehot, owns_y, local_y)
+
+
+def estep_sums(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
+               norm: Normalisers, class_offset: int) -> Tensor:
+    """(3 + 3L, N) partial sums over this slice; combine by SUM. Rows:
+
+    Σ_ℓc u/D, Σ_ℓc u log D, log σ_y (where this slice holds y, else 0),
+    Σ_c u_ℓc (L rows), Σ_c u_ℓc log q_ℓc (L rows, 0 · log 0 = 0), u_ℓy (L rows, 0 where y is
+    elsewhere).
+    """
+    terms = _slice_terms(student, teacher, target, opts, norm, class_offset)
+    u = terms.u
+    zero = torch.zeros((), dtype=u.dtype, device=u.device)
+    s_y = student.to(u.dtype).gather(1, terms.local_y).squeeze(1)
+    log_sigma_y = torch.where(terms.owns_y, s_y - norm.lse_s, zero)
+    u_y = torch.where(terms.owns_y[None], u.gather(2, terms.local_y[None].expand(u.shape[0], -1, -1)
+                                                   ).squeeze(2), zero)
+    return torch.cat([
+        (u / terms.D).sum((0, 2))[None],
+        (u * terms.D.log()).sum((0, 2))[None],
+        log_sigma_y[None],
+        u.sum(2),
+        torch.where(u == 0, zero, u * terms.log_q).sum(2),
+        u_y,
+    ])
+
+
+def finalize(sums: Tensor, target: Tensor, opts: MoEKDOptions) -> RowTerms:
+    """Loss, stats and the phase-3 row constants from the combined E-step sums."""
+    num_levels = opts.num_levels
+    u_over_D, u_log_D, log_sigma_y = sums[0], sums[1], sums[2]
+    u_level = sums[3:3 + num_levels]
+    u_log_q = sums[3 + num_levels:3 + 2 * num_levels]
+    u_target = sums[3 + 2 * num_levels:]
+    G = u_level.sum(0)
+    inv_G = 1.0 / G
+    betas = torch.tensor(opts.expert_strengths, dtype=sums.dtype, device=sums.device)
+    taus = torch.tensor(opts.temperatures, dtype=sums.dtype, device=sums.device)
+    r_y = u_target * inv_G
+    agreement = r_y.sum(0).clamp(max=1.0)
+    log_likelihood = log_sigma_y + G.log()
+    loss = torch.zeros_like(G)
+    if opts.expert_weight != 0.0:  # a zero weight drops its term: no 0 · inf from a masked target
+        expert_ll = log_sigma_y + (betas[:, None] * r_y).sum(0) - u_log_D * inv_G
+        loss = loss - opts.expert_weight * expert_ll
+    if opts.gate_weight != 0.0:
+        loss = loss - opts.gate_weight * ((taus * taus)[:, None] * u_log_q).sum(0) * inv_G
+    valid = target != opts.ignore_index
+    zero = torch.zeros_like(G)
+    return RowTerms(torch.where(valid, loss, zero), torch.where(valid, log_likelihood, zero),
+                    torch.where(valid, agreement, zero), inv_G, u_over_D * inv_G, u_level * inv_G)
+
+
+def slice_gradient(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
+                   norm: Normalisers, rows: RowTerms, class_offset: int,
+                   grad_scale: Optional[Tensor] = None) -> Tensor:
+    """∂loss/∂s for this slice's classes (docs/math.md, "Gradient"), times ``grad_scale``,
+    in the student's dtype; 0 at ignored rows."""
+    terms = _slice_terms(student, teacher, target, opts, norm, class_offset)
+    acc = terms.u.dtype
+    r = terms.u * rows.inv_G[None, :, None]
+    grad = torch.zeros_like(terms.sigma)
+    if opts.expert_weight != 0.0:
+        grad += opts.expert_weight * (terms.sigma * rows.A[:, None] + (r * (1.0 - 1.0 / terms.D)).sum(0)
+                                      - terms.onehot.to(acc))
+    if opts.gate_weight != 0.0:
+        taus = torch.tensor(opts.temperatures, dtype=acc, device=grad.device)
+        q = terms.log_q.exp()
+        grad += opts.gate_weight * (taus[:, None, None] * (rows.R[:, :, None] * q - r)).sum(0)
+    if grad_scale is not None:
+        grad = grad * grad_scale.to(acc)
+    valid = (target != opts.ignore_index)[:, None]
+    return torch.where(valid, grad, torch.zeros_like(grad)).to(student.dtype)
+
+
+class LocalCombine:
+    """``phased_loss``'s combine step on one device: the slice is the whole row."""
+
+    def max_(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+class _PhasedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, target, opts, combine, class_offset, divisor, reduction, need_grad):
+        acc = accumulation_dtype(student.dtype)
+        maxima = combine.max_(row_maxima(student, teacher, acc))
+        norm = normalisers(maxima, combine.sum_(row_sums_of_exp(student, teacher, opts, maxima)),
+                           opts.num_levels)
+        rows = finalize(combine.sum_(estep_sums(student, teacher, target, opts, norm, class_offset)),
+                        target, opts)
+        grad_scale = None if divisor is None else 1.0 / divisor
+        grad = (slice_gradient(student, teacher, target, opts, norm, rows, class_offset, grad_scale)
+                if need_grad else None)
+        loss = rows.loss
+        if reduction != "none":
+            loss = loss.sum() if divisor is None else loss.sum() / divisor
+        ctx.mark_non_differentiable(rows.log_likelihood, rows.agreement)
+        ctx.save_for_backward(grad)
+        ctx.num_rows = student.shape[0]
+        return loss, rows.log_likelihood, rows.agreement
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ll, _grad_agreement):
+        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise RuntimeError("moekd_kernels: double backward through the MoE-KD loss is not supported "
+                               "(its gradient is first-order only)")
+        factor = grad_loss.expand(ctx.num_rows).to(accumulation_dtype(grad.dtype))
+        return ((grad * factor[:, None]).to(grad.dtype),) + (None,) * 8
+
+
+def phased_loss(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, reduction: str,
+                num_items_in_batch=None, combine=None, class_offset: int = 0):
+    """(loss, log_likelihood (N,), agreement (N,)) of the rows whose slice of classes
+    [class_offset, class_offset + C_r) is ``student`` (N, C_r), with the teacher loader
+    ``teacher`` for the same slice. ``loss`` is reduced over the whole rows (it is the
+    same on every slice once ``combine`` has joined them), and its gradient with respect
+    to ``student`` is this slice's.
+    """
+    acc = accumulation_dtype(student.dtype)
+    if num_items_in_batch is not None:
+        divisor = torch.as_tensor(num_items_in_batch, device=student.device).to(acc)
+    elif reduction == "mean":
+        divisor = (target != opts.ignore_index).sum().clamp_min(1).to(acc)
+    else:
+        divisor = None
+    need_grad = torch.is_grad_enabled() and student.requires_grad
+    return _PhasedLoss.apply(student, teacher, target, opts, combine or LocalCombine(), class_offset,
+                             divisor, reduction, need_grad)
+
+
+# The backends whose tensors the phased path takes: it runs in PyTorch on any device.
+PHASED_BACKENDS = ("auto", "reference")
+
+
+def phased_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
+                       temperature, expert_strength, level_weights, gate_weight, expert_weight,
+                       ignore_index, reduction, num_items_in_batch, backend, return_stats):
+    """``fused_moe_kd_loss`` for a ``TopKTeacher`` and/or a ``process_group`` (classes sharded
+    over its ranks; see vocab_parallel.py): the same checks, then ``phased_loss``."""
+    from .backends import check_backend_name
+    from .loss import MoEKDStats
+    from .options import (check_num_items_in_batch, check_reduction, check_target_values,
+                          flatten_inputs, option_levels, resolve_options)
+    from .teachers import TopKTeacher, check_topk_teacher
+
+    comm = None
+    if process_group is not None:
+        from .vocab_parallel import Communicator, agree_on_inputs
+
+        comm = Communicator(process_group)
+    local_error: Optional[BaseException] = None
+    try:
+        if isinstance(teacher, TopKTeacher):
+            if not isinstance(student_logits, Tensor):
+                raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
+            lead = tuple(student_logits.shape[:-1])
+            # The student stands in for the teacher: this checks the student and the target.
+            student_2d, _, target_1d = flatten_inputs(student_logits, student_logits, target)
+            # Sharded, the indices are global: their range is checked once C is agreed on.
+            teacher_levels = check_topk_teacher(teacher, lead, None if comm else student_2d.shape[1],
+                                                student_2d.device)
+        else:
+            shared = isinstance(teacher, Tensor) and isinstance(student_logits, Tensor) \
+                and teacher.shape == student_logits.shape
+            student_2d, teacher_3d, target_1d = flatten_inputs(
+                student_logits, teacher, target,
+                option_levels(temperature, expert_strength, level_weights) if shared else None)
+            teacher_levels = teacher_3d.shape[0]
+        num_levels = teacher_levels
+        if teacher_levels == 1:  # one head: as many levels as the per-level options give
+            num_levels = option_levels(temperature, expert_strength, level_weights) or 1
+        opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
+                               level_weights=level_weights, gate_weight=gate_weight,
+                               expert_weight=expert_weight, ignore_index=ignore_index)
+        check_reduction(reduction)
+        if check_backend_name(backend) not in PHASED_BACKENDS:
+            raise ValueError(f"backend={backend!r} does not take a TopKTeacher or a process_group yet: "
+                             f"that path runs in PyTorch; use backend='auto' or 'reference'")
+        if not isinstance(return_stats, bool):
+            raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+        divisor = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
+        if comm is None:
+            check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
+    except (ValueError, TypeError) as exc:
+        if comm is None:
+            raise
+        local_error = exc  # every rank must learn of it before the first heavy collective
+    target_1d = target_1d.long() if local_error is None else None
+
+    class_offset, num_classes = 0, None
+    if comm is not None:
+        if local_error is not None:
+            agree_on_inputs(comm, local_error)
+        sparse = isinstance(teacher, TopKTeacher)
+        class_offset, num_classes = agree_on_inputs(
+            comm, None, num_classes=student_2d.shape[1], num_rows=student_2d.shape[0],
+            num_levels=opts.num_levels, target=target_1d, ignore_index=opts.ignore_index,
+            teacher_indices=teacher.indices[~torch.isneginf(teacher.values)] if sparse else None,
+            settings=(opts, reduction, teacher.kind if sparse else "dense",
+                      None if isinstance(num_items_in_batch, Tensor) else num_items_in_batch))
+    acc = accumulation_dtype(student_2d.dtype)
+    if isinstance(teacher, TopKTeacher):
+        indices, values = teacher.indices, teacher.values.detach()
+        if teacher_levels == 1:  # (..., K): one level, or one head at several temperatures
+            indices, values = indices.unsqueeze(0), values.unsqueeze(0)
+        k = indices.shape[-1]
+        shape = (opts.num_levels, student_2d.shape[0], k)
+        loader = TopKTeacherSlice(indices.expand(opts.num_levels, *indices.shape[1:]).reshape(shape),
+                                  values.expand(opts.num_levels, *values.shape[1:]).reshape(shape),
+                                  teacher.kind, num_classes or student_2d.shape[1], class_offset,
+                                  student_2d.shape[1], opts, acc)
+    else:
+        loader = DenseTeacherSlice(teacher_3d.detach().expand(opts.num_levels, -1, -1), opts, acc)
+    loss, log_likelihood, agreement = phased_loss(
+        student_2d, loader, target_1d, opts, reduction=reduction, num_items_in_batch=divisor,
+        combine=comm, class_offset=class_offset)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    if not return_stats:
+        return loss
+    return loss, MoEKDStats(log_likelihood.reshape(target.shape), agreement.reshape(target.shape))
