@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
-from .phases import phased_moe_kd_loss
-from .teachers import TopKTeacher
+from .teachers import TopKTeacher, flatten_top_k_inputs, topk_rows
+from .vocab_parallel import sharded_moe_kd_loss
 from .options import (
     PerLevel,
     check_num_items_in_batch,
@@ -92,21 +92,27 @@ def fused_moe_kd_loss(
         The loss (float32; float64 for float64 logits), scalar or shaped like
         ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
     """
-    if process_group is not None or isinstance(teacher_logits, TopKTeacher):
-        return phased_moe_kd_loss(
+    if process_group is not None:
+        return sharded_moe_kd_loss(
             student_logits, teacher_logits, target, process_group=process_group,
             temperature=temperature, expert_strength=expert_strength, level_weights=level_weights,
             gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,
             reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
             return_stats=return_stats)
-    shared_levels = None
-    if isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor) \
-            and teacher_logits.shape == student_logits.shape:
-        shared_levels = option_levels(temperature, expert_strength, level_weights)
-    student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target,
-                                                       shared_levels)
+    shared_levels = option_levels(temperature, expert_strength, level_weights)
+    top_k = isinstance(teacher_logits, TopKTeacher)
+    if top_k:
+        student_2d, target_1d, teacher_levels, num_levels = flatten_top_k_inputs(
+            student_logits, teacher_logits, target, student_logits.shape[-1], shared_levels)
+    else:
+        if not (isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor)
+                and teacher_logits.shape == student_logits.shape):
+            shared_levels = None  # an (L, ..., C) teacher has its own levels
+        student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target,
+                                                           shared_levels)
+        num_levels = teacher_3d.shape[0]
     opts = resolve_options(
-        teacher_3d.shape[0],
+        num_levels,
         temperature=temperature,
         expert_strength=expert_strength,
         level_weights=level_weights,
@@ -118,14 +124,20 @@ def fused_moe_kd_loss(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
     num_items = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
-    chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels)
+    chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels, top_k)
     # Under no_grad / inference_mode (grad mode off) or for logits that need no gradient,
     # the backends skip the gradient pass and its N×C buffer.
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if top_k:
+        rows = topk_rows(teacher_logits, teacher_levels, opts.num_levels, student_2d.shape[0],
+                         student_2d.shape[1])
+        teacher_values, teacher_indices, teacher_rest = rows.values, rows.indices, rows.rest
+    else:
+        teacher_values, teacher_indices, teacher_rest = teacher_3d.detach(), None, None
 
     loss, log_likelihood, agreement, _ = moe_kd_loss(
         student_2d,
-        teacher_3d.detach(),
+        teacher_values,
         target_1d,
         list(opts.temperatures),
         list(opts.expert_strengths),
@@ -137,6 +149,8 @@ def fused_moe_kd_loss(
         reduction,
         need_grad,
         num_items,
+        teacher_indices,
+        teacher_rest,
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)

@@ -41,6 +41,7 @@ from .backends import BACKENDS
 from .options import MoEKDOptions, check_target_values
 from .reference import accumulation_dtype
 from .scaling import scale_rows_
+from .teachers import TopKRows
 
 # Raised by backward in the library's own words, instead of a silently wrong or a raw
 # PyTorch error; the tests match these texts.
@@ -87,6 +88,8 @@ def moe_kd_loss(
     reduction: str,
     need_grad: bool = True,
     num_items_in_batch: Optional[Tensor] = None,
+    teacher_indices: Optional[Tensor] = None,
+    teacher_rest: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """student (N, C), teacher (L, N, C), target (N,) int64 → (loss, log_likelihood (N,), agreement (N,), grad).
 
@@ -94,6 +97,8 @@ def moe_kd_loss(
     "mean" divides by ``num_items_in_batch`` (a 0-dim tensor) when given, else by the
     number of non-ignored rows. ``grad`` (N, C) is its gradient with respect to
     ``student``, or an empty (0,) tensor when ``need_grad`` is False (no gradient pass).
+    With ``teacher_indices`` (L, N, K) and ``teacher_rest`` (L, N) the teacher is a top-k
+    one (``teachers.TopKRows``) whose values (L, N, K) ``teacher`` holds.
     """
     check_target_values(target, student.shape[1], ignore_index)
     opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
@@ -108,6 +113,8 @@ def moe_kd_loss(
             # On the device: no host sync. 0 valid rows → 0 / 1 = 0, never NaN.
             divisor = (target != ignore_index).sum().clamp_min(1)
         grad_scale = 1.0 / divisor.to(accumulation_dtype(student.dtype))
+    if teacher_indices is not None:  # a top-k teacher: ``teacher`` holds its values
+        teacher = TopKRows(teacher_indices, teacher, teacher_rest)
     loss, log_likelihood, agreement, grad = BACKENDS[backend].forward(student, teacher, target, opts,
                                                                       grad_scale, need_grad)
     if reduction == "sum":
@@ -122,7 +129,7 @@ def moe_kd_loss(
 @moe_kd_loss.register_fake
 def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
                       gate_weight, expert_weight, ignore_index, backend, reduction, need_grad=True,
-                      num_items_in_batch=None):
+                      num_items_in_batch=None, teacher_indices=None, teacher_rest=None):
     num_rows = student.shape[0]
     acc = accumulation_dtype(student.dtype)
     loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=acc)
@@ -133,7 +140,7 @@ def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, 
     return loss, log_likelihood, agreement, grad
 
 
-_NUM_INPUTS = 13
+_NUM_INPUTS = 15
 
 
 def _setup_context(ctx, inputs, output):

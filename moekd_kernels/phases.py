@@ -28,13 +28,14 @@ one device, all-reduces over a process group (``vocab_parallel.py``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .options import MoEKDOptions
 from .reference import accumulation_dtype
+from .teachers import TopKRows
 
 
 class Normalisers(NamedTuple):
@@ -79,35 +80,19 @@ class DenseTeacherSlice:
         return factor * (self.scaled - lse[:, :, None]).exp()
 
 
-def rest_logit(values: Tensor, listed: Tensor, num_classes: int) -> Tensor:
-    """log(ρ / (C − K′)) per row of top-k log-probabilities, −inf when no mass or no class is
-    left. In float64 whatever the values' dtype: at temperature τ the unlisted classes
-    weigh ρ^(1/τ), so a float32 rounding of ρ ≈ 0 (6e-8 for 1e-16) would grow by orders
-    of magnitude."""
-    values = values.double()
-    mass_left = (1.0 - torch.where(listed, values.exp(), 0.0).sum(-1)).clamp_min(0.0)
-    num_unlisted = num_classes - listed.sum(-1)
-    return torch.where(num_unlisted > 0, (mass_left / num_unlisted.clamp_min(1)).log(), -math.inf)
-
-
 class TopKTeacherSlice:
-    """A top-k teacher (docs/math.md, "Extensions"): for each level and row, K listed classes
-    with their values (−inf: padding), and one logit shared by every unlisted class:
-    −inf for kind "logits" (the teacher truncated to its top K), log(ρ / (C − K′)) for
-    kind "logprobs" (the mass left, spread evenly). This slice holds the global classes
-    [class_offset, class_offset + width) of C in all.
+    """A top-k teacher (docs/math.md, "Extensions"; ``teachers.TopKRows``): for each level
+    and row, K listed classes with their values (−inf: padding), and one logit shared by
+    every unlisted class. This slice holds the global classes [class_offset, class_offset +
+    width).
     """
 
-    def __init__(self, indices: Tensor, values: Tensor, kind: str, num_classes: int,
-                 class_offset: int, width: int, opts: MoEKDOptions, acc: torch.dtype) -> None:
-        values = values.to(acc)
+    def __init__(self, rows: TopKRows, class_offset: int, width: int, opts: MoEKDOptions,
+                 acc: torch.dtype) -> None:
+        values = rows.values.to(acc)
         listed = ~torch.isneginf(values)  # −inf is padding; NaN is data and propagates
         inv_tau = _inv_tau(opts, acc, values.device)[:, None]
-        num_listed = listed.sum(2)
-        if kind == "logits":
-            rest = torch.full(num_listed.shape, -math.inf, dtype=acc, device=values.device)
-        else:
-            rest = rest_logit(values, listed, num_classes).to(acc)
+        indices, rest = rows.indices, rows.rest.to(acc)
         local = indices.long() - class_offset
         self.in_slice = listed & (local >= 0) & (local < width)
         # Entries outside the slice are sent to a spare column past its end.
@@ -215,8 +200,9 @@ def estep_sums(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
     ])
 
 
-def finalize(sums: Tensor, target: Tensor, opts: MoEKDOptions) -> RowTerms:
-    """Loss, stats and the phase-3 row constants from the combined E-step sums."""
+def finalize(sums: Tensor, target: Tensor, opts: MoEKDOptions, num_classes: int) -> RowTerms:
+    """Loss, stats and the phase-3 row constants from the combined E-step sums. A row whose
+    target is outside [0, num_classes) (and not ignored) is NaN, as in the kernels."""
     num_levels = opts.num_levels
     u_over_D, u_log_D, log_sigma_y = sums[0], sums[1], sums[2]
     u_level = sums[3:3 + num_levels]
@@ -237,8 +223,10 @@ def finalize(sums: Tensor, target: Tensor, opts: MoEKDOptions) -> RowTerms:
         loss = loss - opts.gate_weight * ((taus * taus)[:, None] * u_log_q).sum(0) * inv_G
     valid = target != opts.ignore_index
     zero = torch.zeros_like(G)
-    return RowTerms(torch.where(valid, loss, zero), torch.where(valid, log_likelihood, zero),
-                    torch.where(valid, agreement, zero), inv_G, u_over_D * inv_G, u_level * inv_G)
+    out_of_range = valid & ((target < 0) | (target >= num_classes))
+    loss, log_likelihood, agreement = (torch.where(out_of_range, math.nan, torch.where(valid, v, zero))
+                                       for v in (loss, log_likelihood, agreement))
+    return RowTerms(loss, log_likelihood, agreement, inv_G, u_over_D * inv_G, u_level * inv_G)
 
 
 def slice_gradient(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
@@ -273,25 +261,39 @@ class LocalCombine:
         return tensor
 
 
+def slice_rows(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, num_classes: int,
+               grad_scale: Optional[Tensor] = None, need_grad: bool = True, combine=None,
+               class_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The backend contract's (loss, log_likelihood, agreement, grad) for the rows whose
+    classes [class_offset, class_offset + C_r) of ``num_classes`` are ``student`` (N, C_r),
+    with ``teacher`` the loader of the same slice; ``combine`` joins the slices' partial
+    results between the phases (None: this slice is the whole row)."""
+    combine = combine or LocalCombine()
+    acc = accumulation_dtype(student.dtype)
+    maxima = combine.max_(row_maxima(student, teacher, acc))
+    norm = normalisers(maxima, combine.sum_(row_sums_of_exp(student, teacher, opts, maxima)),
+                       opts.num_levels)
+    rows = finalize(combine.sum_(estep_sums(student, teacher, target, opts, norm, class_offset)),
+                    target, opts, num_classes)
+    grad = (slice_gradient(student, teacher, target, opts, norm, rows, class_offset, grad_scale)
+            if need_grad else None)
+    return rows.loss, rows.log_likelihood, rows.agreement, grad
+
+
 class _PhasedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, target, opts, combine, class_offset, divisor, reduction, need_grad):
-        acc = accumulation_dtype(student.dtype)
-        maxima = combine.max_(row_maxima(student, teacher, acc))
-        norm = normalisers(maxima, combine.sum_(row_sums_of_exp(student, teacher, opts, maxima)),
-                           opts.num_levels)
-        rows = finalize(combine.sum_(estep_sums(student, teacher, target, opts, norm, class_offset)),
-                        target, opts)
-        grad_scale = None if divisor is None else 1.0 / divisor
-        grad = (slice_gradient(student, teacher, target, opts, norm, rows, class_offset, grad_scale)
-                if need_grad else None)
-        loss = rows.loss
+    def forward(ctx, student, teacher, target, opts, combine, class_offset, num_classes, divisor,
+                reduction, need_grad):
+        loss, log_likelihood, agreement, grad = slice_rows(
+            student, teacher, target, opts, num_classes=num_classes,
+            grad_scale=None if divisor is None else 1.0 / divisor, need_grad=need_grad,
+            combine=combine, class_offset=class_offset)
         if reduction != "none":
             loss = loss.sum() if divisor is None else loss.sum() / divisor
-        ctx.mark_non_differentiable(rows.log_likelihood, rows.agreement)
+        ctx.mark_non_differentiable(log_likelihood, agreement)
         ctx.save_for_backward(grad)
         ctx.num_rows = student.shape[0]
-        return loss, rows.log_likelihood, rows.agreement
+        return loss, log_likelihood, agreement
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ll, _grad_agreement):
@@ -300,11 +302,11 @@ class _PhasedLoss(torch.autograd.Function):
             raise RuntimeError("moekd_kernels: double backward through the MoE-KD loss is not supported "
                                "(its gradient is first-order only)")
         factor = grad_loss.expand(ctx.num_rows).to(accumulation_dtype(grad.dtype))
-        return ((grad * factor[:, None]).to(grad.dtype),) + (None,) * 8
+        return ((grad * factor[:, None]).to(grad.dtype),) + (None,) * 9
 
 
 def phased_loss(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, reduction: str,
-                num_items_in_batch=None, combine=None, class_offset: int = 0):
+                num_classes: int, num_items_in_batch=None, combine=None, class_offset: int = 0):
     """(loss, log_likelihood (N,), agreement (N,)) of the rows whose slice of classes
     [class_offset, class_offset + C_r) is ``student`` (N, C_r), with the teacher loader
     ``teacher`` for the same slice. ``loss`` is reduced over the whole rows (it is the
@@ -319,98 +321,5 @@ def phased_loss(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *,
     else:
         divisor = None
     need_grad = torch.is_grad_enabled() and student.requires_grad
-    return _PhasedLoss.apply(student, teacher, target, opts, combine or LocalCombine(), class_offset,
+    return _PhasedLoss.apply(student, teacher, target, opts, combine, class_offset, num_classes,
                              divisor, reduction, need_grad)
-
-
-# The backends whose tensors the phased path takes: it runs in PyTorch on any device.
-PHASED_BACKENDS = ("auto", "reference")
-
-
-def phased_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
-                       temperature, expert_strength, level_weights, gate_weight, expert_weight,
-                       ignore_index, reduction, num_items_in_batch, backend, return_stats):
-    """``fused_moe_kd_loss`` for a ``TopKTeacher`` and/or a ``process_group`` (classes sharded
-    over its ranks; see vocab_parallel.py): the same checks, then ``phased_loss``."""
-    from .backends import check_backend_name
-    from .loss import MoEKDStats
-    from .options import (check_num_items_in_batch, check_reduction, check_target_values,
-                          flatten_inputs, option_levels, resolve_options)
-    from .teachers import TopKTeacher, check_topk_teacher
-
-    comm = None
-    if process_group is not None:
-        from .vocab_parallel import Communicator, agree_on_inputs
-
-        comm = Communicator(process_group)
-    local_error: Optional[BaseException] = None
-    try:
-        if isinstance(teacher, TopKTeacher):
-            if not isinstance(student_logits, Tensor):
-                raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-            lead = tuple(student_logits.shape[:-1])
-            # The student stands in for the teacher: this checks the student and the target.
-            student_2d, _, target_1d = flatten_inputs(student_logits, student_logits, target)
-            # Sharded, the indices are global: their range is checked once C is agreed on.
-            teacher_levels = check_topk_teacher(teacher, lead, None if comm else student_2d.shape[1],
-                                                student_2d.device)
-        else:
-            shared = isinstance(teacher, Tensor) and isinstance(student_logits, Tensor) \
-                and teacher.shape == student_logits.shape
-            student_2d, teacher_3d, target_1d = flatten_inputs(
-                student_logits, teacher, target,
-                option_levels(temperature, expert_strength, level_weights) if shared else None)
-            teacher_levels = teacher_3d.shape[0]
-        num_levels = teacher_levels
-        if teacher_levels == 1:  # one head: as many levels as the per-level options give
-            num_levels = option_levels(temperature, expert_strength, level_weights) or 1
-        opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
-                               level_weights=level_weights, gate_weight=gate_weight,
-                               expert_weight=expert_weight, ignore_index=ignore_index)
-        check_reduction(reduction)
-        if check_backend_name(backend) not in PHASED_BACKENDS:
-            raise ValueError(f"backend={backend!r} does not take a TopKTeacher or a process_group yet: "
-                             f"that path runs in PyTorch; use backend='auto' or 'reference'")
-        if not isinstance(return_stats, bool):
-            raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-        divisor = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
-        if comm is None:
-            check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
-    except (ValueError, TypeError) as exc:
-        if comm is None:
-            raise
-        local_error = exc  # every rank must learn of it before the first heavy collective
-    target_1d = target_1d.long() if local_error is None else None
-
-    class_offset, num_classes = 0, None
-    if comm is not None:
-        if local_error is not None:
-            agree_on_inputs(comm, local_error)
-        sparse = isinstance(teacher, TopKTeacher)
-        class_offset, num_classes = agree_on_inputs(
-            comm, None, num_classes=student_2d.shape[1], num_rows=student_2d.shape[0],
-            num_levels=opts.num_levels, target=target_1d, ignore_index=opts.ignore_index,
-            teacher_indices=teacher.indices[~torch.isneginf(teacher.values)] if sparse else None,
-            settings=(opts, reduction, teacher.kind if sparse else "dense",
-                      None if isinstance(num_items_in_batch, Tensor) else num_items_in_batch))
-    acc = accumulation_dtype(student_2d.dtype)
-    if isinstance(teacher, TopKTeacher):
-        indices, values = teacher.indices, teacher.values.detach()
-        if teacher_levels == 1:  # (..., K): one level, or one head at several temperatures
-            indices, values = indices.unsqueeze(0), values.unsqueeze(0)
-        k = indices.shape[-1]
-        shape = (opts.num_levels, student_2d.shape[0], k)
-        loader = TopKTeacherSlice(indices.expand(opts.num_levels, *indices.shape[1:]).reshape(shape),
-                                  values.expand(opts.num_levels, *values.shape[1:]).reshape(shape),
-                                  teacher.kind, num_classes or student_2d.shape[1], class_offset,
-                                  student_2d.shape[1], opts, acc)
-    else:
-        loader = DenseTeacherSlice(teacher_3d.detach().expand(opts.num_levels, -1, -1), opts, acc)
-    loss, log_likelihood, agreement = phased_loss(
-        student_2d, loader, target_1d, opts, reduction=reduction, num_items_in_batch=divisor,
-        combine=comm, class_offset=class_offset)
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    if not return_stats:
-        return loss
-    return loss, MoEKDStats(log_likelihood.reshape(target.shape), agreement.reshape(target.shape))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .options import MoEKDOptions
+from .teachers import TopKRows
 
 
 class _Rows(NamedTuple):
@@ -137,7 +138,8 @@ def reference_forward(student: Tensor, teacher: Tensor, target: Tensor, opts: Mo
                       need_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """The backend contract: (loss, log_likelihood, agreement, grad) per row.
 
-    student (N, C), teacher (L, N, C) (any strides, level stride 0 included), target (N,).
+    student (N, C), teacher (L, N, C) (any strides, level stride 0 included) or a
+    ``teachers.TopKRows``, target (N,).
     ``grad`` is the SPEC closed form times ``grad_scale`` (a 0-dim tensor on the student's
     device; None = 1), in a new buffer of the student's dtype; None when ``need_grad`` is
     False, in which case no gradient is computed. Rows are independent, so they are
@@ -153,15 +155,33 @@ def reference_forward(student: Tensor, teacher: Tensor, target: Tensor, opts: Mo
     with torch.no_grad():
         for start in range(0, num_rows, block_rows):
             rows = slice(start, start + block_rows)
-            block = _moe_kd_rows(student[rows].to(acc), teacher[:, rows], target[rows], opts,
-                                 closed_form_grad=need_grad)
+            if isinstance(teacher, TopKRows):
+                block = _top_k_block(student[rows], TopKRows(*(part[:, rows] for part in teacher)),
+                                     target[rows], opts, scale, need_grad)
+            else:
+                block = _moe_kd_rows(student[rows].to(acc), teacher[:, rows], target[rows], opts,
+                                     closed_form_grad=need_grad)
+                if need_grad and scale is not None:
+                    # Scaled in the accumulation dtype, then rounded once to the student's dtype.
+                    block = block._replace(grad=block.grad * scale)
             loss[rows] = block.loss
             log_likelihood[rows] = block.log_likelihood
             agreement[rows] = block.agreement
             if need_grad:
-                # Scaled in the accumulation dtype, then rounded once to the student's dtype.
-                grad[rows] = block.grad if scale is None else block.grad * scale
+                grad[rows] = block.grad
     return loss, log_likelihood, agreement, grad
+
+
+def _top_k_block(student: Tensor, teacher: TopKRows, target: Tensor, opts: MoEKDOptions,
+                 scale: Optional[Tensor], need_grad: bool) -> _Rows:
+    """A block of rows with a top-k teacher, read through its loader (phases.py): the
+    closed forms above would need the dense N×C teacher."""
+    from .phases import TopKTeacherSlice, slice_rows
+
+    num_classes = student.shape[1]
+    loader = TopKTeacherSlice(teacher, 0, num_classes, opts, accumulation_dtype(student.dtype))
+    return _Rows(*slice_rows(student, loader, target, opts, num_classes=num_classes, grad_scale=scale,
+                             need_grad=need_grad))
 
 
 def reference_loss_autograd(student: Tensor, teacher: Tensor, target: Tensor,

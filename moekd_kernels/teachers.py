@@ -7,7 +7,8 @@ loss reads them without ever building the N×C teacher (docs/math.md, "Extension
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -77,8 +78,6 @@ class TopKTeacher:
         if self.kind == "logits":
             rest = torch.full(values.shape[:-1], -torch.inf, dtype=acc, device=values.device)
         else:
-            from .phases import rest_logit
-
             rest = rest_logit(values, listed, num_classes).to(acc)
         dense = rest[..., None].expand(*values.shape[:-1], num_classes).clone()
         # Padding entries write nothing: send them to a spare column, then drop it.
@@ -124,3 +123,63 @@ def check_topk_teacher(teacher: TopKTeacher, lead_shape: Tuple[int, ...], num_cl
             raise ValueError("TopKTeacher indices must be distinct within a row, got class "
                              f"{int(ordered[..., 1:][repeated][0])} twice")
     return num_levels
+
+
+class TopKRows(NamedTuple):
+    """A top-k teacher as the backends take it: the rows flattened, one entry per level.
+
+    indices, values: (L, N, K); rest: (L, N), the logit of every unlisted class (−inf for
+    kind "logits", log(ρ / (C − K′)) for kind "logprobs"), so that a backend reads the same
+    thing for both kinds: the dense teacher row is ``rest`` with ``values`` at ``indices``
+    (−inf values are padding: their entries are skipped).
+    """
+
+    indices: Tensor
+    values: Tensor
+    rest: Tensor
+
+
+def rest_logit(values: Tensor, listed: Tensor, num_classes: int) -> Tensor:
+    """log(ρ / (C − K′)) per row of top-k log-probabilities, −inf when no mass or no class is
+    left. In float64 whatever the values' dtype: at temperature τ the unlisted classes
+    weigh ρ^(1/τ), so a float32 rounding of ρ ≈ 0 (6e-8 for 1e-16) would grow by orders
+    of magnitude."""
+    values = values.double()
+    mass_left = (1.0 - torch.where(listed, values.exp(), 0.0).sum(-1)).clamp_min(0.0)
+    num_unlisted = num_classes - listed.sum(-1)
+    return torch.where(num_unlisted > 0, (mass_left / num_unlisted.clamp_min(1)).log(), -math.inf)
+
+
+def topk_rows(teacher: TopKTeacher, teacher_levels: int, num_levels: int, num_rows: int,
+              num_classes: int) -> TopKRows:
+    """The backends' form of ``teacher`` (checked by ``check_topk_teacher``): a ``(..., K)``
+    teacher used at ``num_levels`` levels is expanded, not copied."""
+    indices, values = teacher.indices, teacher.values.detach()
+    if teacher_levels == 1:
+        indices, values = indices.unsqueeze(0), values.unsqueeze(0)
+    indices = indices.reshape(indices.shape[0], num_rows, teacher.k).long()
+    values = values.reshape(values.shape[0], num_rows, teacher.k)
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    if teacher.kind == "logits":
+        rest = torch.full(values.shape[:2], -math.inf, dtype=acc, device=values.device)
+    else:
+        rest = rest_logit(values, ~torch.isneginf(values), num_classes).to(acc)
+    expand = (num_levels, num_rows, teacher.k)
+    return TopKRows(indices.expand(expand), values.expand(expand), rest.expand(expand[:2]))
+
+
+def flatten_top_k_inputs(student: Tensor, teacher: TopKTeacher, target: Tensor,
+                         num_classes: Optional[int], shared_levels: Optional[int]):
+    """``options.flatten_inputs`` for a top-k teacher: student (N, C), target (N,) int64,
+    the teacher's own level count, and L (``shared_levels`` for a one-level teacher).
+    ``num_classes`` None: the indices are global classes of a sharded row (checked later)."""
+    from .options import flatten_inputs
+
+    if not isinstance(student, Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor, got {_describe(student)}")
+    # The student stands in for the teacher: this checks the student and the target.
+    student_2d, _, target_1d = flatten_inputs(student, student, target)
+    teacher_levels = check_topk_teacher(teacher, tuple(student.shape[:-1]), num_classes,
+                                        student_2d.device)
+    num_levels = teacher_levels if teacher_levels > 1 else (shared_levels or 1)
+    return student_2d, target_1d, teacher_levels, num_levels

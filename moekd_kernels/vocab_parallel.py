@@ -28,6 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import phases
+from .backends import check_backend_name
+from .options import (check_num_items_in_batch, check_reduction, flatten_inputs, option_levels,
+                      resolve_options)
+from .reference import accumulation_dtype
+from .teachers import TopKTeacher, flatten_top_k_inputs, topk_rows
+
 
 _AGREEMENT_FIELDS = 12
 
@@ -133,3 +140,70 @@ def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *,
             raise ValueError(f"process_group: every rank must pass the same {what}; rank 0 and "
                              f"rank {int(differs[0])} differ")
     return int(widths[:rank].sum()), total
+
+
+# The backends whose tensors the sharded path takes: it runs its phases in PyTorch on any device.
+SHARDED_BACKENDS = ("auto", "reference")
+
+
+def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
+                        temperature, expert_strength, level_weights, gate_weight, expert_weight,
+                        ignore_index, reduction, num_items_in_batch, backend, return_stats):
+    """``fused_moe_kd_loss(..., process_group=group)``: the same checks on every rank, one
+    collective that agrees on them, then the phases with all-reduces between them."""
+    from .loss import MoEKDStats
+
+    comm = Communicator(process_group)
+    local_error: Optional[BaseException] = None
+    try:
+        shared_levels = option_levels(temperature, expert_strength, level_weights)
+        if isinstance(teacher, TopKTeacher):
+            # The indices are global: their range is checked once C is agreed on.
+            student_2d, target_1d, teacher_levels, num_levels = flatten_top_k_inputs(
+                student_logits, teacher, target, None, shared_levels)
+        else:
+            if not (isinstance(student_logits, Tensor) and isinstance(teacher, Tensor)
+                    and teacher.shape == student_logits.shape):
+                shared_levels = None  # an (L, ..., C) teacher has its own levels
+            student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher, target,
+                                                               shared_levels)
+            num_levels = teacher_3d.shape[0]
+        opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
+                               level_weights=level_weights, gate_weight=gate_weight,
+                               expert_weight=expert_weight, ignore_index=ignore_index)
+        check_reduction(reduction)
+        if isinstance(process_group, bool) or not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                            f"got {type(process_group).__name__}")
+        if check_backend_name(backend) not in SHARDED_BACKENDS:
+            raise ValueError(f"backend={backend!r} does not take a process_group yet: the sharded "
+                             f"path runs its phases in PyTorch; use backend='auto' or 'reference'")
+        if not isinstance(return_stats, bool):
+            raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+        divisor = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
+    except (ValueError, TypeError) as exc:
+        local_error = exc  # every rank must learn of it before the first heavy collective
+        agree_on_inputs(comm, local_error)
+
+    sparse = isinstance(teacher, TopKTeacher)
+    class_offset, num_classes = agree_on_inputs(
+        comm, None, num_classes=student_2d.shape[1], num_rows=student_2d.shape[0],
+        num_levels=opts.num_levels, target=target_1d, ignore_index=opts.ignore_index,
+        teacher_indices=teacher.indices[~torch.isneginf(teacher.values)] if sparse else None,
+        settings=(opts, reduction, teacher.kind if sparse else "dense",
+                  None if isinstance(num_items_in_batch, Tensor) else num_items_in_batch))
+    acc = accumulation_dtype(student_2d.dtype)
+    width = student_2d.shape[1]
+    if sparse:
+        rows = topk_rows(teacher, teacher_levels, opts.num_levels, student_2d.shape[0], num_classes)
+        loader = phases.TopKTeacherSlice(rows, class_offset, width, opts, acc)
+    else:
+        loader = phases.DenseTeacherSlice(teacher_3d.detach(), opts, acc)
+    loss, log_likelihood, agreement = phases.phased_loss(
+        student_2d, loader, target_1d, opts, reduction=reduction, num_classes=num_classes,
+        num_items_in_batch=divisor, combine=comm, class_offset=class_offset)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    if not return_stats:
+        return loss
+    return loss, MoEKDStats(log_likelihood.reshape(target.shape), agreement.reshape(target.shape))
