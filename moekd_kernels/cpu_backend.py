@@ -81,11 +81,13 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None):
+            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None, need_grad: bool = True):
     """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
 
     grad is ``grad_scale`` · ∂loss/∂s (None: 1), scaled in float before the rounding to the
-    student's dtype; a 0-dim CPU tensor, so reading it here is no device sync.
+    student's dtype; a 0-dim CPU tensor, so reading it here is no device sync. With
+    ``need_grad=False`` the kernel skips its gradient pass and no N×C buffer is allocated:
+    grad is None, loss and stats are the same bits.
     """
     # Precomputed teacher logits are often float64: the kernel reads them as they are, without a copy.
     check_kernel_inputs("cpu", student, teacher, KERNEL_DTYPES + (torch.float64,))
@@ -96,6 +98,6 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
         float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale),
+        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale), bool(need_grad),
     )
     return loss, log_likelihood, agreement, grad

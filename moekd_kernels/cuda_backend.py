@@ -116,11 +116,13 @@ def _path_code(name: str) -> int:
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None):
+            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None, need_grad: bool = True):
     """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
 
     grad is ``grad_scale`` · ∂loss/∂s (None: 1). grad_scale is a one-element tensor on the
     student's device; the kernel reads it there, so it is never copied to the host (no sync).
+    With ``need_grad=False`` the kernel skips its gradient pass and no N×C buffer is
+    allocated: grad is None, loss and stats are the same bits.
     """
     check_kernel_inputs("cuda", student, teacher)
     extension, failure = _load()
@@ -143,7 +145,7 @@ def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
         student, teacher, target,
         list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
         float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        int(stream), _path_code(path), int(prefetch), grad_scale,
+        int(stream), _path_code(path), int(prefetch), grad_scale, bool(need_grad),
     )
     return loss, log_likelihood, agreement, grad
 

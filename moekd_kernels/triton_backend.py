@@ -148,8 +148,13 @@ def _check(student: Tensor, teacher: Tensor, target: Tensor) -> None:
 
 
 def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
-            grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch."""
+            grad_scale: Optional[Tensor] = None,
+            need_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch.
+
+    With ``need_grad=False`` the kernel has no gradient pass (a compile-time flag) and no
+    N×C buffer is allocated: grad is None, loss and stats are the same bits.
+    """
     _check(student, teacher, target)
     num_rows, num_classes = student.shape
     num_levels = teacher.shape[0]
@@ -165,7 +170,7 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
     loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     log_likelihood = torch.empty(num_rows, dtype=torch.float32, device=device)
     agreement = torch.empty(num_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device)
+    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device) if need_grad else None
     if num_rows == 0:
         return loss, log_likelihood, agreement, grad
 
@@ -179,8 +184,9 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
         teacher, teacher.stride(0), teacher.stride(1),
         target,
         loss, log_likelihood, agreement,
-        grad, grad.stride(0),
-        grad if grad_scale is None else grad_scale.to(torch.float32),  # any pointer when unused
+        # Without a gradient the kernel never touches its pointer: the student stands in.
+        grad if need_grad else student, num_classes,
+        student if grad_scale is None else grad_scale.to(torch.float32),  # any pointer when unused
         num_rows, num_classes, opts.ignore_index,
         tuple(float(t) for t in taus),
         tuple(1.0 / t for t in taus),
@@ -196,6 +202,7 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
         HAS_EXPERT=opts.expert_weight != 0.0,
         HAS_GATE=opts.gate_weight != 0.0,
         HAS_GRAD_SCALE=grad_scale is not None,
+        NEED_GRAD=bool(need_grad),
         KEEP="evict_last" if l2_hints else "",
         LAST_USE="evict_first" if l2_hints else "",
         num_warps=num_warps,

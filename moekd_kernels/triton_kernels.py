@@ -164,6 +164,7 @@ def moe_kd_row_kernel(
     gate_weight, expert_weight,                               # λ_g, λ_e
     L: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
     HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    NEED_GRAD: tl.constexpr,                     # False: no pass 3, grad_ptr is never touched
     KEEP: tl.constexpr, LAST_USE: tl.constexpr,  # L2 eviction policies, "" for none
 ):
     levels = tl.arange(0, LP)
@@ -196,10 +197,11 @@ def moe_kd_row_kernel(
             tl.store(loss_ptr + row, 0.0)
             tl.store(log_likelihood_ptr + row, 0.0)
             tl.store(agreement_ptr + row, 0.0)
-            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+            if NEED_GRAD:
+                zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
+                for start in range(0, num_classes, BLOCK):
+                    cols = start + cols0
+                    tl.store(grad_row + cols, zeros, mask=cols < num_classes)
         else:
             # ---- pass 1: log-sum-exp states of s, s/τ_ℓ, t_ℓ/τ_ℓ ----
             if SINGLE_BLOCK:
@@ -291,20 +293,21 @@ def moe_kd_row_kernel(
             R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
 
             # ---- pass 3: the gradient ----
-            if SINGLE_BLOCK:
-                grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
-                                                gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
-            else:
-                for start in range(0, num_classes, BLOCK):
-                    cols = start + cols0
-                    sigma, D, inv_D, u, log_q = _load_block_u(
-                        s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
-                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE, LAST_USE)
-                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+            if NEED_GRAD:
+                if SINGLE_BLOCK:
+                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
                                                     gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes,
-                             eviction_policy=LAST_USE)
+                    tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
+                else:
+                    for start in range(0, num_classes, BLOCK):
+                        cols = start + cols0
+                        sigma, D, inv_D, u, log_q = _load_block_u(
+                            s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+                            inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE, LAST_USE)
+                        grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+                                                        gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes,
+                                 eviction_policy=LAST_USE)
 
 
 @triton.jit

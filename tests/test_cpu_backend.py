@@ -425,3 +425,73 @@ def test_first_build_prints_one_line(tmp_path):
     assert first.stderr.count("moekd_kernels: building the C++ CPU kernel") == 1
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "building" not in second.stderr
+
+
+# ---- need_grad=False: no gradient pass, no gradient buffer ------------------------------
+
+def _bitwise_equal(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype, teacher_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float64),
+                                                  (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("num_classes, num_levels", [(1, 1), (53, 3), (2500, 2)])
+def test_without_grad_loss_and_stats_are_the_same_bits(dtype, teacher_dtype, num_classes, num_levels):
+    case = make_case(9, num_classes, num_levels, dtype=dtype, teacher_dtype=teacher_dtype, seed=num_classes,
+                     ignore_frac=0.3, temperature=[0.7, 2.0, 6.0][:num_levels],
+                     expert_strength=[0.5, 30.0, 2.0][:num_levels])
+    target = case.target.clone()
+    target[1], target[4] = -100, num_classes   # an ignored and an out-of-range row too
+    s, t, y = flatten_inputs(case.student, case.teacher, target)
+    opts = _options(num_levels, temperature=[0.7, 2.0, 6.0][:num_levels],
+                    expert_strength=[0.5, 30.0, 2.0][:num_levels])
+    with_grad = cpu_backend.forward(s, t, y, opts, grad_scale=torch.tensor(0.25))
+    without = cpu_backend.forward(s, t, y, opts, grad_scale=torch.tensor(0.25), need_grad=False)
+    assert with_grad[3] is not None and without[3] is None
+    for got, want in zip(without[:3], with_grad[:3]):
+        assert _bitwise_equal(got, want)
+    assert torch.isnan(without[0][4]) and without[0][1] == 0
+
+
+# One process per measurement: the peak RSS of a process (VmHWM) only grows, so it is
+# reset through /proc/self/clear_refs after a warm-up call of the same shape.
+_PEAK_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from moekd_kernels import cpu_backend
+    from moekd_kernels.options import resolve_options
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    need_grad = sys.argv[1] == "grad"
+    N, C = 1024, 32768
+    g = torch.Generator().manual_seed(0)
+    student, teacher = 3 * torch.randn(N, C, generator=g), 3 * torch.randn(1, N, C, generator=g)
+    target = torch.randint(0, C, (N,), generator=g)
+    opts = resolve_options(1, temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
+                           expert_weight=1.0, ignore_index=-100)
+    out = cpu_backend.forward(student, teacher, target, opts, need_grad=need_grad)   # warm-up
+    del out
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    out = cpu_backend.forward(student, teacher, target, opts, need_grad=need_grad)
+    print((status("VmHWM:") - before) / (N * C * 4))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux only)")
+def test_without_grad_peak_memory_is_far_below_one_gradient_buffer():
+    """N=1024, C=32768 float32, in a fresh process: without a gradient the call adds less
+    than a quarter of an N×C float32 buffer to the peak RSS; with one, at least the
+    gradient itself (which shows the measurement sees such a buffer)."""
+    def extra_buffers(mode):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return float(proc.stdout.split()[-1])
+
+    without, with_grad = extra_buffers("nograd"), extra_buffers("grad")
+    assert without < 0.25, f"need_grad=False added {without:.3f} N×C float32 buffers to the peak RSS"
+    assert with_grad >= 0.9, f"need_grad=True added only {with_grad:.3f} buffers: the measurement misses it"

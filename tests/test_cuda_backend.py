@@ -167,26 +167,32 @@ def _strided_buffer(values: torch.Tensor, strides, offset: int) -> torch.Tensor:
 
 
 def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cache=True, prefetch=False,
-            s_pad=0, s_off=0, t_layout="lnc", t_pad=0, t_off=0, g_off=0, grad_scale=None, tmp_path):
+            s_pad=0, s_off=0, t_layout="lnc", t_pad=0, t_off=0, g_off=0, grad_scale=None, need_grad=True,
+            tmp_path):
     """Run the kernel's per-thread code on (N, C) student, (L, N, C) teacher. With cache
     and prefetch, each thread fills its cache slots before pass 1 (prefetch_row).
-    grad_scale: None (the kernel gets nullptr) or a float the kernel reads through a pointer."""
+    grad_scale: None (the kernel gets nullptr) or a float the kernel reads through a pointer.
+    t_layout "shared": teacher[0] alone is stored, read with level stride 0 for every level.
+    need_grad=False: no gradient buffer at all, and grad comes back None."""
     N, C = student.shape
     L = teacher.shape[0]
     opts = _resolve(L, options)
     s_stride = C + s_pad
     if t_layout == "lnc":  # (L, N, C+pad): rows of a level adjacent
         t_rstride, t_lstride = C + t_pad, N * (C + t_pad)
-    else:  # "nlc": (N, L, C+pad), the levels of a row adjacent
+    elif t_layout == "nlc":  # (N, L, C+pad), the levels of a row adjacent
         t_lstride, t_rstride = C + t_pad, L * (C + t_pad)
+    else:  # "shared": one (N, C+pad) teacher for every level
+        assert t_layout == "shared" and all(torch.equal(teacher[0], t) for t in teacher)
+        t_lstride, t_rstride = 0, C + t_pad
     s_buf = _strided_buffer(student, (s_stride, 1), s_off)
-    t_buf = _strided_buffer(teacher, (t_lstride, t_rstride, 1), t_off)
+    t_buf = _strided_buffer(teacher if t_lstride else teacher[:1], (t_lstride, t_rstride, 1), t_off)
     header = [N, C, L, _DTYPE_CODE[student.dtype], _DTYPE_CODE[teacher.dtype], threads, blocks, int(cache),
               s_stride, t_lstride, t_rstride, s_off, t_off, g_off, opts.ignore_index, int(prefetch),
-              int(grad_scale is not None)]
+              int(grad_scale is not None), int(need_grad)]
     doubles = [*opts.temperatures, *opts.expert_strengths, *opts.level_weights, opts.gate_weight,
                opts.expert_weight, 1.0 if grad_scale is None else float(grad_scale)]
-    blob = (struct.pack("<17q", *header) + struct.pack(f"<{len(doubles)}d", *doubles)
+    blob = (struct.pack("<18q", *header) + struct.pack(f"<{len(doubles)}d", *doubles)
             + s_buf.view(torch.uint8).numpy().tobytes() + t_buf.view(torch.uint8).numpy().tobytes()
             + target.to(torch.int64).numpy().tobytes())
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -195,7 +201,11 @@ def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cac
     assert proc.returncode == 0, proc.stderr[-6000:]
     raw = dst.read_bytes()
     stats = torch.frombuffer(bytearray(raw[:12 * N]), dtype=torch.float32).reshape(3, N)
-    grad = torch.frombuffer(bytearray(raw[12 * N:]), dtype=student.dtype).reshape(N, C)
+    if need_grad:
+        grad = torch.frombuffer(bytearray(raw[12 * N:]), dtype=student.dtype).reshape(N, C)
+    else:
+        assert len(raw) == 12 * N
+        grad = None
     return stats[0], grad, stats[1], stats[2]
 
 
@@ -364,6 +374,53 @@ def test_emulated_special_rows(emulator, tmp_path, prefetch):
     assert loss[1] == 0 and ll[1] == 0 and agreement[1] == 0 and (grad[1] == 0).all()
     assert torch.isfinite(loss[[0, 2, 3, 5, 7]]).all()
     _check_against_oracle(result, case, bad_rows=(4, 6))
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# Cached and uncached, vector and scalar rows, odd row strides, clusters. None with a
+# gradient offset: the kernel's gradient is a fresh, 16-byte aligned allocation, and the
+# bits are the same only while a missing one is planned with that alignment (grad_row).
+NO_GRAD_CASES = [EMU_CASES[i] for i in (0, 6, 8, 9, 10, 13, 17, 19, 21)]
+
+
+@pytest.mark.parametrize("C,L,dtype,teacher_dtype,geometry", NO_GRAD_CASES,
+                         ids=[f"C{c}-L{l}-{str(d)[6:]}-{str(t)[6:] if t else 'same'}"
+                              for c, l, d, t, _ in NO_GRAD_CASES])
+def test_emulated_without_grad_same_bits_no_buffer(emulator, tmp_path, C, L, dtype, teacher_dtype, geometry):
+    """KernelArgs.need_grad = 0: no pass 3 and no gradient buffer (the emulator allocates
+    none, so a write would fault); loss and stats equal the gradient run's to the bit,
+    ignored and out-of-range rows included."""
+    options = LEVEL_OPTIONS[L]
+    case = make_case(6, C, L, dtype=dtype, teacher_dtype=teacher_dtype, seed=C + 5, ignore_frac=0.0, **options)
+    target = case.target.clone()
+    target[1], target[4] = -100, C
+    run = lambda **kw: emulate(emulator, case.student, _levels(case), target, options, tmp_path=tmp_path,
+                               prefetch=True, grad_scale=0.5, **geometry, **kw)
+    with_grad, without = run(), run(need_grad=False)
+    assert with_grad[1] is not None and without[1] is None
+    for i in (0, 2, 3):
+        assert _same_bits(without[i], with_grad[i])
+    assert without[0][1] == 0 and without[0][4].isnan()
+
+
+@pytest.mark.parametrize("geometry", [dict(), dict(threads=64, blocks=2, cache=False), dict(blocks=3, t_pad=8),
+                                      dict(s_off=1, t_off=1, g_off=1)], ids=str)
+def test_emulated_teacher_shared_by_levels(emulator, tmp_path, geometry):
+    """One teacher head at three temperatures, read with level stride 0 (only one copy of
+    it is in the buffer): the same bits as the teacher stacked three times. C = 1032 keeps
+    every stacked level 16-byte aligned like the shared one, so both get the same row layout."""
+    options = LEVEL_OPTIONS[3]
+    case = make_case(6, 1032, 1, seed=31, **options)
+    stacked = case.teacher.unsqueeze(0).expand(3, -1, -1).contiguous()
+    shared = emulate(emulator, case.student, stacked, case.target, options, tmp_path=tmp_path,
+                     t_layout="shared", **geometry)
+    copied = emulate(emulator, case.student, stacked, case.target, options, tmp_path=tmp_path, **geometry)
+    for a, b in zip(shared, copied):
+        assert _same_bits(a, b)
+    _check_against_oracle(shared, Case(case.student, stacked, case.target, options))
 
 
 def test_emulated_masked_target_gives_inf_loss(emulator, tmp_path):
@@ -663,3 +720,30 @@ def test_gpu_plans_are_described(built):
         fp32 = built.describe_plan(131072, 1, torch.float32, path="cluster")
         print(f"C=131072 fp32, cluster forced: {fp32}")
         assert "x16 blocks per row" in fp32, fp32
+
+
+@gpu
+@pytest.mark.parametrize("path", ["warp", "block", "cluster", "stream"])
+def test_gpu_without_grad_same_bits(built, cuda_path, path):
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    cuda_path(path)
+    C = 127 if path == "warp" else 4097
+    case = make_case(12, C, 2, dtype=torch.bfloat16, device="cuda", seed=23, ignore_frac=0.3, **LEVEL_OPTIONS[2])
+    opts = _resolve(2, LEVEL_OPTIONS[2])
+    with_grad = built.forward(case.student, case.teacher, case.target, opts)
+    without = built.forward(case.student, case.teacher, case.target, opts, need_grad=False)
+    assert without[3] is None
+    for a, b in zip(without[:3], with_grad[:3]):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@gpu
+def test_gpu_teacher_shared_by_levels(built):
+    case = make_case(12, 4097, 1, device="cuda", seed=29, **LEVEL_OPTIONS[3])
+    shared = case.teacher.unsqueeze(0).expand(3, -1, -1)
+    opts = _resolve(3, LEVEL_OPTIONS[3])
+    got = built.forward(case.student, shared, case.target, opts)
+    want = built.forward(case.student, shared.contiguous(), case.target, opts)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-6

@@ -401,3 +401,29 @@ def test_grad_scale_multiplies_the_gradient_in_float32(dtype):
     ref = triton_backend.forward(case.student.float(), teacher.float(), case.target, opts)[3]
     torch.testing.assert_close(scaled[3].float(), (ref * factor).to(dtype).float(), rtol=2.0 ** -7, atol=1e-12)
     assert (scaled[3][case.target == -100] == 0).all()
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("multi_block", [False, True], ids=["single-block", "multi-block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_grad_loss_and_stats_are_the_same_bits(monkeypatch, multi_block, dtype):
+    """need_grad=False compiles the kernel without its gradient pass and allocates no
+    gradient: grad is None; loss and stats equal the gradient run's to the bit,
+    ignored and out-of-range rows included."""
+    if multi_block:
+        monkeypatch.setitem(triton_backend.TILES, DEVICE, triton_backend.Tiles(32, 32, 32))
+    case = make_case(6, 70, 2, dtype=dtype, device=DEVICE, seed=21, ignore_frac=0.0,
+                     temperature=[1.0, 3.0], expert_strength=[0.5, 30.0])
+    target = case.target.clone()
+    target[1], target[4] = -100, 70
+    opts = _opts(2, temperature=[1.0, 3.0], expert_strength=[0.5, 30.0])
+    factor = torch.tensor(0.25, device=DEVICE)
+    with_grad = triton_backend.forward(case.student, case.teacher, target, opts, factor)
+    without = triton_backend.forward(case.student, case.teacher, target, opts, factor, need_grad=False)
+    assert with_grad[3] is not None and without[3] is None
+    for got, want in zip(without[:3], with_grad[:3]):
+        assert _same_bits(got, want)
+    assert without[0][1] == 0 and without[0][4].isnan()

@@ -263,16 +263,16 @@ template <typename TS, typename TT>
 void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
   const int L = p.num_levels;
-  TS* grad_row = static_cast<TS*>(a.grad) + n * C;
+  TS* grad_row = a.grad != nullptr ? static_cast<TS*>(a.grad) + n * C : nullptr;
   const int64_t y = a.target[n];
   if (y == p.ignore_index) {
     a.loss[n] = a.log_likelihood[n] = a.agreement[n] = 0.0f;
-    std::memset(static_cast<void*>(grad_row), 0, sizeof(TS) * C);
+    if (grad_row != nullptr) std::memset(static_cast<void*>(grad_row), 0, sizeof(TS) * C);
     return;
   }
   if (y < 0 || y >= C) {
     a.loss[n] = a.log_likelihood[n] = a.agreement[n] = kNaN;
-    fill_row(grad_row, C, kNaN);
+    if (grad_row != nullptr) fill_row(grad_row, C, kNaN);
     return;
   }
 
@@ -390,6 +390,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   a.loss[n] = row.loss;
   a.log_likelihood[n] = row.log_likelihood;
   a.agreement[n] = row.agreement;
+  if (grad_row == nullptr) return;  // need_grad=False: passes 1-2 alone, so loss and stats are unchanged
 
   // ---- pass 3: the gradient ----
   //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
@@ -443,7 +444,9 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
   if (N <= 0 || C <= 0) return;
   const int L = p.num_levels;
   const int64_t stride = (C + 15) & ~int64_t{15};  // 64-byte aligned rows
-  const int64_t rows_per_thread = 3 + 2 * static_cast<int64_t>(L);
+  const bool need_grad = a.grad != nullptr;
+  // es, eq_ℓ, et_ℓ, sf, and the output row only where a gradient is written.
+  const int64_t rows_per_thread = (need_grad ? 3 : 2) + 2 * static_cast<int64_t>(L);
   int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N)));
   // Allocated here, not inside the parallel region, so a bad_alloc reaches the caller.
@@ -463,7 +466,7 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
       sc.et[l] = mine + stride * (1 + L + l);
     }
     sc.sf = mine + stride * (1 + 2 * L);
-    sc.out = mine + stride * (2 + 2 * L);
+    sc.out = need_grad ? mine + stride * (2 + 2 * L) : nullptr;
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < N; ++n) process_row<TS, TT>(a, p, n, sc);
   }

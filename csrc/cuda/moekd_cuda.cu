@@ -352,6 +352,7 @@ const char* launch(const LaunchArgs& args) {
   k.agreement = args.agreement;
   k.grad = args.grad;
   k.grad_scale = args.grad_scale;
+  k.need_grad = args.grad != nullptr ? 1 : 0;
   k.num_rows = args.num_rows;
   k.student_row_stride = args.student_row_stride;
   k.teacher_level_stride = args.teacher_level_stride;

@@ -30,7 +30,7 @@ struct KernelArgs {
   float* loss;
   float* log_likelihood;
   float* agreement;
-  void* grad;
+  void* grad;                 // nullptr when need_grad is 0
   const float* grad_scale;    // device scalar multiplying the gradient; nullptr = 1
   long long num_rows;
   long long student_row_stride;
@@ -40,6 +40,7 @@ struct KernelArgs {
   int cluster_size;           // blocks per row (block rows); 1 without a cluster launch
   int use_cache;              // keep each thread's chunks in shared memory
   int prefetch;               // with the cache: fill it with async copies before pass 1
+  int need_grad;              // 0: no pass 3 and no gradient writes (loss and stats unchanged)
   int cache_slots;            // chunks per thread the cache holds
   long long group_cache_vecs; // Vec16 per row group (warp rows: per warp)
   KernelConsts kc;
@@ -194,7 +195,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   r.s = static_cast<const TS*>(a.student) + row * a.student_row_stride;
   r.t = static_cast<const TT*>(a.teacher) + row * a.teacher_row_stride;
   r.t_level_stride = a.teacher_level_stride;
-  r.g = static_cast<TS*>(a.grad) + row * static_cast<long long>(a.num_classes);
+  r.g = grad_row<TS>(a.grad, row, a.num_classes);
   r.cache_slots = a.cache_slots;
   plan_layout(r);
 
@@ -204,7 +205,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
 
   if (kind != 0) {  // the same for the whole group: the row's target decides
     const float value = kind == 1 ? 0.0f : bits_to_float(0x7fc00000u);
-    fill_grad(r, value);
+    if (a.need_grad) fill_grad(r, value);
     if (r.gi == 0) {
       a.loss[row] = value;
       a.log_likelihood[row] = value;
@@ -244,6 +245,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
     a.log_likelihood[row] = res.log_likelihood;
     a.agreement[row] = res.agreement;
   }
+  if (!a.need_grad) return;  // the same for every thread: no barrier is left waiting
   if (leader) publish_R(r.lc, res, r.L);
   group_sync<kWarpRows>();
 

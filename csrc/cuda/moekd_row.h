@@ -338,6 +338,16 @@ struct RowCtx {
   }
 };
 
+// Row `row` of a contiguous (N, C) gradient. Without a gradient (base nullptr) the
+// address is formed as if the buffer began at 0: every PyTorch allocation is 16-byte
+// aligned, so plan_layout picks the same head, and the row's sums run in the same
+// order and give the same bits, as with a real buffer. It is never dereferenced.
+template <class TS>
+MOEKD_HD TS* grad_row(void* base, long long row, long long num_classes) {
+  return reinterpret_cast<TS*>(reinterpret_cast<uintptr_t>(base) +
+                               static_cast<uintptr_t>(row * num_classes) * sizeof(TS));
+}
+
 template <class T>
 MOEKD_HD bool aligned16(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
