@@ -163,7 +163,9 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
     if student.stride(1) != 1:
         student = student.contiguous()
     if teacher.stride(2) != 1:
-        teacher = teacher.contiguous()
+        # One head at L temperatures (level stride 0): copy the head, not L of it.
+        shared = teacher.stride(0) == 0
+        teacher = teacher[:1].contiguous().expand(num_levels, -1, -1) if shared else teacher.contiguous()
     target = target.contiguous()
 
     device = student.device

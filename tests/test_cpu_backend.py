@@ -495,3 +495,24 @@ def test_without_grad_peak_memory_is_far_below_one_gradient_buffer():
     without, with_grad = extra_buffers("nograd"), extra_buffers("grad")
     assert without < 0.25, f"need_grad=False added {without:.3f} N×C float32 buffers to the peak RSS"
     assert with_grad >= 0.9, f"need_grad=True added only {with_grad:.3f} buffers: the measurement misses it"
+
+
+# ---- one teacher head at several temperatures (level stride 0) --------------------------
+
+@pytest.mark.parametrize("class_strided", [False, True])
+def test_teacher_shared_by_levels_is_read_in_place(class_strided):
+    """teacher_2d.unsqueeze(0).expand(L, N, C) gives the bits of the stacked teacher, and is
+    read without a copy (a class-strided head is copied once, not L times)."""
+    case = make_case(7, 1500, 1, seed=33, ignore_frac=0.2)
+    head = case.teacher.t().contiguous().t() if class_strided else case.teacher
+    shared = head.unsqueeze(0).expand(3, -1, -1)
+    assert shared.stride(0) == 0
+    opts = _options(3, temperature=[1.0, 2.0, 4.0], expert_strength=[0.5, 2.0, 8.0])
+    s, _, y = flatten_inputs(case.student, case.teacher, case.target)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = cpu_backend.forward(s, shared, y, opts)
+    copied = [e.input_shapes[0] for e in prof.events() if e.name == "aten::copy_"]
+    assert copied == ([[7, 1500]] if class_strided else []), copied
+    want = cpu_backend.forward(s, shared.contiguous(), y, opts)
+    for a, b in zip(got, want):
+        assert _bitwise_equal(a, b)

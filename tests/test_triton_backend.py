@@ -427,3 +427,31 @@ def test_without_grad_loss_and_stats_are_the_same_bits(monkeypatch, multi_block,
     for got, want in zip(without[:3], with_grad[:3]):
         assert _same_bits(got, want)
     assert without[0][1] == 0 and without[0][4].isnan()
+
+
+@pytest.mark.parametrize("class_strided", [False, True])
+def test_teacher_shared_by_levels_is_read_in_place(monkeypatch, class_strided):
+    """teacher_2d.unsqueeze(0).expand(L, N, C) reaches the kernel as that view (level stride
+    0, the head's own memory; a class-strided head is copied once, not L times) and gives
+    the bits of the stacked teacher."""
+    case = make_case(5, 70, 1, device=DEVICE, seed=34, ignore_frac=0.2)
+    head = case.teacher.t().contiguous().t() if class_strided else case.teacher
+    shared = head.unsqueeze(0).expand(3, -1, -1)
+    opts = _opts(3, temperature=[1.0, 2.0, 4.0], expert_strength=[0.5, 2.0, 8.0])
+    kernel, seen = triton_backend.triton_kernels.moe_kd_row_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(args[2])  # the teacher
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_backend.triton_kernels, "moe_kd_row_kernel", Spy())
+    got = triton_backend.forward(case.student, shared, case.target, opts)
+    (teacher_arg,) = seen
+    assert teacher_arg.stride(0) == 0 and teacher_arg.shape == shared.shape
+    assert (teacher_arg.data_ptr() == head.data_ptr()) != class_strided
+    want = triton_backend.forward(case.student, shared.contiguous(), case.target, opts)
+    for a, b in zip(got, want):
+        assert _same_bits(a, b)
