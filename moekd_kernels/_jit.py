@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
@@ -166,7 +167,9 @@ class JitExtension:
             module = built()  # another process may have built it while this one waited
             if module is not None:
                 return module
-            print(f"moekd_kernels: building {self.label}{target} (once, ~30 s)...", file=sys.stderr, flush=True)
+            print(f"moekd_kernels: building {self.label}{target} (once per machine and version; "
+                  f"about 1-2 minutes on a 2-core machine)...", file=sys.stderr, flush=True)
+            started = time.monotonic()
             # load() appends to the flag lists it is given: hand it copies, not our constants.
             load_args = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in load_args.items()}
             module = load(name=name, sources=[str(csrc / s) for s in self.sources],
@@ -176,6 +179,8 @@ class JitExtension:
             partial = stamp.with_name(f"{stamp.name}.{os.getpid()}")
             partial.write_text(key)
             os.replace(partial, stamp)
+            print(f"moekd_kernels: built {self.label} in {time.monotonic() - started:.0f} s",
+                  file=sys.stderr, flush=True)
         return module
 
     def failure_message(self, exc: BaseException, limit: int = 3000) -> str:

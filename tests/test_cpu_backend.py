@@ -1,6 +1,7 @@
 """The fused C++/OpenMP backend ("cpu") against the float64 oracle and the SPEC identities."""
 
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -423,6 +424,7 @@ def test_first_build_prints_one_line(tmp_path):
     first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     assert first.stderr.count("moekd_kernels: building the C++ CPU kernel") == 1
+    assert re.search(r"moekd_kernels: built the C\+\+ CPU kernel in \d+ s", first.stderr), first.stderr
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "building" not in second.stderr
 

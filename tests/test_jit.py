@@ -1,5 +1,6 @@
 """The JIT build cache shared by the compiled backends (moekd_kernels/_jit.py)."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -47,3 +48,7 @@ def test_build_after_an_interrupted_one_does_not_wait_forever(tmp_path):
     assert "built moekd_tiny" in proc.stdout
     assert "left by an interrupted build" in proc.stderr
     assert (build_dir / "sources.sha256").is_file()
+    # The build says what it costs before, and how long it took after.
+    assert "moekd_kernels: building a test module (once per machine and version; about 1-2 minutes" \
+        in proc.stderr
+    assert re.search(r"moekd_kernels: built a test module in \d+ s\n", proc.stderr), proc.stderr[-3000:]
