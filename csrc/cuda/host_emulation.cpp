@@ -23,8 +23,8 @@
 //   int64[N] target
 // OUT: float32[N] loss, float32[N] log_likelihood, float32[N] agreement, then N*C grad
 //      elements if need_grad. Without need_grad no gradient buffer exists: the kernel
-//      code gets the null-based row addresses the kernel gets, and any write through
-//      one faults.
+//      code gets the stand-in address the kernel gets (no_grad_base), and any write
+//      through it faults.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,9 +87,9 @@ void run(Job& job) {
 
   const TS* student = reinterpret_cast<const TS*>(job.student->data) + job.s_off;
   const TT* teacher = reinterpret_cast<const TT*>(job.teacher->data) + job.t_off;
-  // As the kernel forms them (grad_row): from a null base when there is no gradient.
-  void* grad = job.grad != nullptr ? static_cast<void*>(reinterpret_cast<TS*>(job.grad->data) + job.g_off)
-                                   : nullptr;
+  // As the launcher passes it: a stand-in address when there is no gradient.
+  TS* grad = job.grad != nullptr ? reinterpret_cast<TS*>(job.grad->data) + job.g_off
+                                 : static_cast<TS*>(no_grad_base());
 
   for (long long row = 0; row < job.N; ++row) {
     std::vector<RowCtx<TS, TT>> ctx(G);
@@ -99,7 +99,7 @@ void run(Job& job) {
       r.s = student + row * job.s_stride;
       r.t = teacher + row * job.t_rstride;
       r.t_level_stride = job.t_lstride;
-      r.g = grad_row<TS>(grad, row, job.C);
+      r.g = grad + row * job.C;
       r.C = C;
       r.L = L;
       r.gi = g;
@@ -153,13 +153,15 @@ void run(Job& job) {
       add_level_totals(rc, merged);
       for (auto& lc : lcs) publish_pass2(lc.data(), l, merged);
     }
-    const moekd::RowResult res = finalize(lcs[0].data(), rc, kc.p);
-    job.loss[row] = res.loss;
+    const moekd::RowResult res = finalize_stats(lcs[0].data(), rc, kc.p);
     job.ll[row] = res.log_likelihood;
     job.agreement[row] = res.agreement;
-    if (!job.need_grad) continue;
-    for (auto& lc : lcs) publish_R(lc.data(), res, L);
-    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
+    const RowTotals totals = row_totals_of(rc, &job.loss[row]);
+    if (job.need_grad) {
+      for (auto& lc : lcs) publish_R(lc.data(), res, L);
+      for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
+    }
+    *totals.loss = finalize_loss(lcs[0].data(), totals, kc.p);
   }
 }
 

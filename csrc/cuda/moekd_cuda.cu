@@ -350,7 +350,7 @@ const char* launch(const LaunchArgs& args) {
   k.loss = args.loss;
   k.log_likelihood = args.log_likelihood;
   k.agreement = args.agreement;
-  k.grad = args.grad;
+  k.grad = args.grad != nullptr ? args.grad : moekd::cuda_row::no_grad_base();
   k.grad_scale = args.grad_scale;
   k.need_grad = args.grad != nullptr ? 1 : 0;
   k.num_rows = args.num_rows;

@@ -30,7 +30,7 @@ struct KernelArgs {
   float* loss;
   float* log_likelihood;
   float* agreement;
-  void* grad;                 // nullptr when need_grad is 0
+  void* grad;                 // no_grad_base() when need_grad is 0
   const float* grad_scale;    // device scalar multiplying the gradient; nullptr = 1
   long long num_rows;
   long long student_row_stride;
@@ -74,7 +74,7 @@ struct SumOps {
   __device__ __forceinline__ State identity() const { return level_sums_identity(); }
   __device__ __forceinline__ State shfl(const State& a, int mask) const {
     return {shfl_xor(a.u_rest, mask), shfl_xor(a.u_target, mask), shfl_xor(a.u_over_D, mask),
-            shfl_xor(a.u_log_D, mask), shfl_xor(a.u_log_q, mask)};
+            shfl_xor(a.u_log_D_rest, mask), shfl_xor(a.u_log_q, mask)};
   }
   __device__ __forceinline__ void merge(State& a, const State& b) const { level_sums_merge(a, b); }
 };
@@ -160,6 +160,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   extern __shared__ Vec16 smem_cache[];
   constexpr int kGroups = kWarpRows ? kWarpRowsThreads / 32 : 1;
   __shared__ LevelConsts level_consts[kGroups][kMaxLevels];
+  __shared__ RowTotals row_totals[kGroups];
 
   RowCtx<TS, TT> r;
   long long row;
@@ -195,7 +196,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   r.s = static_cast<const TS*>(a.student) + row * a.student_row_stride;
   r.t = static_cast<const TT*>(a.teacher) + row * a.teacher_row_stride;
   r.t_level_stride = a.teacher_level_stride;
-  r.g = grad_row<TS>(a.grad, row, a.num_classes);
+  r.g = static_cast<TS*>(a.grad) + row * static_cast<long long>(a.num_classes);
   r.cache_slots = a.cache_slots;
   plan_layout(r);
 
@@ -239,17 +240,21 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   }
   group_sync<kWarpRows>();
 
-  const RowResult res = finalize(r.lc, rc, a.kc.p);
+  const RowResult res = finalize_stats(r.lc, rc, a.kc.p);
+  // The loss comes last (finalize_loss): what it needs of this row, its address
+  // included, waits in shared memory meanwhile, not in registers.
+  RowTotals& totals = row_totals[kWarpRows ? threadIdx.x >> 5 : 0];
   if (r.gi == 0) {
-    a.loss[row] = res.loss;
     a.log_likelihood[row] = res.log_likelihood;
     a.agreement[row] = res.agreement;
+    totals = row_totals_of(rc, a.loss + row);
   }
-  if (!a.need_grad) return;  // the same for every thread: no barrier is left waiting
-  if (leader) publish_R(r.lc, res, r.L);
-  group_sync<kWarpRows>();
-
-  pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
+  if (a.need_grad) {  // the same for every thread of the group
+    if (leader) publish_R(r.lc, res, r.L);
+    group_sync<kWarpRows>();
+    pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
+  }
+  if (r.gi == 0) *totals.loss = finalize_loss(r.lc, totals, a.kc.p);
 }
 
 }  // namespace cuda_kernel
