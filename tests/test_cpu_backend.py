@@ -371,7 +371,7 @@ def test_other_devices_are_refused():
 
 def test_exp_and_log_match_libm():
     """The kernel's own exp (x <= 0) and log (x >= 1), at float32 arguments, against libm."""
-    ext, _ = cpu_backend._load()
+    ext = cpu_backend.EXTENSION.require("cpu")
     xs = (-87.0 * torch.linspace(0, 1, 6001) ** 2).tolist()            # float32 values, exactly
     worst = max(abs(ext.exp_for_test(x) - math.exp(x)) / math.exp(x) for x in xs)
     assert worst <= 3e-7   # ~3 ulp
@@ -393,13 +393,13 @@ def test_a_failed_build_is_reported(tmp_path):
         (csrc / rel).write_text("#error moekd_kernels test: this compiler refuses\n")
     with pytest.raises(Exception) as info:
         cpu_backend._build(csrc, tmp_path / "build", name="moekd_cpu_broken")
-    message = cpu_backend._failure_message(info.value)
+    message = cpu_backend._KERNEL.failure_message(info.value)
     assert "could not be built" in message and "this compiler refuses" in message
 
 
 def test_unavailable_kernel_falls_back_under_auto_and_raises_when_named(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_extension", None)
-    monkeypatch.setattr(cpu_backend, "_failure", "the C++ CPU kernel could not be built: no compiler")
+    monkeypatch.setattr(cpu_backend.EXTENSION, "module", None)
+    monkeypatch.setattr(cpu_backend.EXTENSION, "failure", "the C++ CPU kernel could not be built: no compiler")
     assert BACKENDS["cpu"].unavailable_reason("cpu").endswith("no compiler")
     with pytest.raises(RuntimeError, match="no compiler"):
         resolve_backend("cpu", torch.device("cpu"))
@@ -418,7 +418,7 @@ def test_first_build_prints_one_line(tmp_path):
     # Reuse this process's build instead of compiling again: copy it into the fresh cache.
     import shutil
 
-    built = cpu_backend._cache_root() / f"cpu-{cpu_backend._environment_key()}"
+    built = cpu_backend.build_dir()
     shutil.copytree(built, tmp_path / built.name, ignore=shutil.ignore_patterns("lock"))
     (tmp_path / built.name / "sources.sha256").unlink()   # as if the sources had changed
     first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)

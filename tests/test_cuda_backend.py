@@ -525,18 +525,15 @@ def test_unavailable_without_gpu_or_on_cpu():
         assert cuda_backend.unavailable_reason("cuda") is not None
 
 
-def test_launch_config_defaults_and_sweep_space(monkeypatch):
-    """forward asks launch_config per call (the sweep replaces it): the forced path,
-    prefetch on; every sweep candidate names a real path and a 0/1 prefetch."""
+def test_launch_defaults():
+    """The kernel plans the path itself ("auto") unless MOEKD_CUDA_PATH forces one;
+    prefetch is on; a path name that is not one raises, naming the choices."""
     from moekd_kernels import cuda_backend
 
-    assert cuda_backend.launch_config(4096, 1, "cuda") == (cuda_backend.FORCE_PATH, 1)
-    monkeypatch.setattr(cuda_backend, "FORCE_PATH", "cluster")
-    assert cuda_backend.launch_config(131072, 2, "cuda") == ("cluster", 1)
-    space = cuda_backend.SWEEP_SPACE
-    assert ("auto", 1) in space and ("auto", 0) in space
-    for path, prefetch in space:
-        assert path in cuda_backend.PATHS and prefetch in (0, 1)
+    assert cuda_backend.FORCE_PATH == os.environ.get("MOEKD_CUDA_PATH", "auto")
+    assert cuda_backend.PREFETCH == 1
+    with pytest.raises(ValueError, match="must be one of .*'cluster'.*got 'clusters'"):
+        cuda_backend._path_code("clusters")
 
 
 @pytest.fixture
@@ -594,7 +591,8 @@ def test_gpu_prefetch_on_and_off(built, monkeypatch, path, prefetch):
     cached path; fp32 C=131073 is a 16-block cluster row on an H100."""
     if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90")
-    monkeypatch.setattr(built, "launch_config", lambda C, L, device_type: (path, prefetch))
+    monkeypatch.setattr(built, "FORCE_PATH", path)
+    monkeypatch.setattr(built, "PREFETCH", prefetch)
     sizes = [(127, 2)] if path == "warp" else [(4097, 2), (131073, 1)]
     for C, L in sizes:
         for dtype in (torch.float32, torch.bfloat16):

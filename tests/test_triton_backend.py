@@ -67,7 +67,7 @@ def test_launch_table(device_type):
     tiles = triton_backend.TILES[device_type]
     for num_classes in (1, 2, 100, 4096, 4097, 8193, 16385, 131073):
         for num_levels in (1, 2, 3, 5):
-            block, num_warps, _, _ = triton_backend.launch_config(num_classes, num_levels, device_type)
+            block, num_warps = triton_backend.launch_config(num_classes, num_levels, device_type)
             levels_padded = 1 << (num_levels - 1).bit_length()
             assert block & (block - 1) == 0 and block >= triton_backend.MIN_BLOCK
             assert num_warps in (4, 8, 16) and block * levels_padded <= tiles.single
@@ -102,17 +102,6 @@ def test_multi_block_with_small_tiles(small_tile, num_levels):
     assert triton_backend.launch_config(127, num_levels, DEVICE)[0] < 127
     case = make_case(6, 127, num_levels, device=DEVICE, seed=3, level_weights=[1.0, 0.0, 2.0][:num_levels])
     check_backend("triton", case)
-
-
-@pytest.mark.parametrize("programs_per_sm,l2_hints", [(1, True), (3, False)])
-def test_persistent_grid_and_l2_hints(monkeypatch, programs_per_sm, l2_hints):
-    """Fewer programs than rows: each program walks its rows (ignored ones included), with
-    both the single-block and the multi-block path. On the CPU a "SM" is one program."""
-    for num_classes, block in [(100, 128), (100, 32)]:
-        config = triton_backend.LaunchConfig(block, 4, programs_per_sm, l2_hints)
-        monkeypatch.setattr(triton_backend, "launch_config", lambda *args, _c=config: _c)
-        case = make_case(7, num_classes, 2, device=DEVICE, seed=num_classes + block, ignore_frac=0.3)
-        check_backend("triton", case)
 
 
 def test_masked_classes_in_whole_blocks(small_tile):
