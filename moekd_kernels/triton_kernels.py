@@ -1,6 +1,6 @@
 """The fused MoE-KD Triton kernel: one program per row, loss + stats + gradient.
 
-Symbols as in the SPEC (one row; C classes; L levels):
+Symbols as in docs/math.md, definitions (one row; C classes; L levels):
 
     σ = softmax(s),  q_ℓ = softmax(s/τ_ℓ),  π_ℓ = softmax(t_ℓ/τ_ℓ)
     D_ℓc = 1 + expm1(β_ℓ) σ_c
@@ -10,7 +10,7 @@ The row is read in three passes, like csrc/common/moekd_math.h:
 
     1. log-sum-exp of s, s/τ_ℓ and t_ℓ/τ_ℓ                    (σ, q_ℓ, π_ℓ)
     2. sums of u over classes: G, Σu/D, Σu·log D, Σ_c u_ℓc, Σ_c u_ℓc log q_ℓc
-    3. the gradient ∂loss/∂s_j (SPEC §3), in the student's dtype
+    3. the gradient ∂loss/∂s_j (docs/math.md, gradient), in the student's dtype
 
 When the row fits one block, it is loaded once and all three passes run on
 registers. Otherwise each pass loops over blocks of BLOCK classes.
@@ -135,7 +135,7 @@ def _u_sums(u, D, inv_D, log_q, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr
 @triton.jit
 def _block_grad(sigma, inv_D, u, log_q, is_target, tau, inv_G, A, R, gate_weight, expert_weight,
                 HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
-    """Pass 3 on one block: ∂loss/∂s_j (SPEC §3) with r fixed, float32 (BLOCK,)."""
+    """Pass 3 on one block: ∂loss/∂s_j (docs/math.md, gradient) with r fixed, float32 (BLOCK,)."""
     r = u * inv_G                                                             # r_ℓj
     per_level = tl.zeros_like(r)
     if HAS_EXPERT:
@@ -267,7 +267,13 @@ def moe_kd_row_kernel(
         u_y = w_v * pi_y * exp_beta_v / (1.0 + expm1_beta_v * tl.exp(log_sigma_y))  # u_ℓy
         inv_G = tl.where(in_range, 1.0 / G, float("nan"))
         r_y = u_y * inv_G                                                        # r_ℓy
-        # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1)
+        # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1).
+        # Why this is not the C++/CUDA loss (moekd::row_loss_of in csrc/common/moekd_math.h):
+        # that regrouped form keeps the target's log D out of the sums and evaluates a log1p
+        # per level in float64 once per row, so that every term is one-signed. This textbook
+        # form cancels instead when the experts saturate (large β, r_y → 1) and then loses
+        # relative precision on a small loss; moving it to the regrouped form is still open
+        # (the tests hold it to float32 tolerance with β up to 50).
         expert_ll = log_sigma_y + tl.sum(beta_v * r_y, axis=0) - u_log_D * inv_G
         gate_ce = tl.sum(tau_v * tau_v * u_log_q, axis=0) * inv_G              # Σ_ℓ τ² Σ_c r log q
         # A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.

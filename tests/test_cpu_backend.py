@@ -1,4 +1,5 @@
-"""The fused C++/OpenMP backend ("cpu") against the float64 oracle and the SPEC identities."""
+"""The fused C++/OpenMP backend ("cpu") against the float64 oracle and the identities of
+docs/math.md."""
 
 import math
 import re
@@ -81,7 +82,7 @@ def test_gradient_comes_back_in_the_student_dtype(dtype):
     case = make_case(4, 33, 1, dtype=dtype, teacher_dtype=torch.float32)
     loss, grad = _run(case.student, case.teacher, case.target, reduction="mean")
     assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.is_contiguous()
-    # Each row's gradient sums to zero (SPEC §3), up to the output rounding.
+    # Each row's gradient sums to zero (docs/math.md, gradient), up to the output rounding.
     assert grad.float().sum(-1).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
@@ -306,7 +307,7 @@ def test_out_of_range_target_gives_nan_row_not_a_bad_read():
     assert torch.isfinite(loss[1]) and torch.isfinite(grad[1]).all()
 
 
-# ---- identities (SPEC §4) ------------------------------------------------------------
+# ---- identities (docs/math.md, identities) ---------------------------------------------
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 def test_beta_zero_is_classic_kd(tau):
