@@ -108,6 +108,140 @@ def test_cu_compiles_for_sm90_without_spills(source, tmp_path, record_property):
     assert not no_stack, f"stack frames (local memory) in:\n{table}"
 
 
+# ---- static special-function budget (no GPU needed) --------------------------------------
+
+# Special-function-unit instructions in the PTX: a few per element of each pass are the
+# kernel's main cost besides memory, so a change that adds one shows here first.
+SFU_OPS = re.compile(r"\b(?:ex2|lg2|rcp|rsqrt|sqrt|sin|cos|tanh|div)\.(?:approx|full)\b")
+
+# Source function -> the part of the kernel it belongs to. The per-element code of each
+# pass is pass1 (online_add/fixed_add inside pass1_level), pass2 (pass2_classes) and pass3
+# (pass3_start/pass3_level); "merge" is the pass-1 reduction (rescale), "loss" the
+# once-per-row finalize_loss. Helpers (fast_rcp, fast_log2, ...) count for their caller.
+SFU_PARTS = {"pass1_level": "pass1", "online_add": "pass1", "fixed_add": "pass1",
+             "pass2_level": "pass2", "pass2_classes": "pass2",
+             "pass3": "pass3", "pass3_start": "pass3", "pass3_level": "pass3",
+             "pass1_merge": "merge", "rescale": "merge", "row_loss_of": "loss"}
+
+# Static counts per kernel instantiation (student/teacher dtype, warp or block rows) and
+# part, recorded from this kernel with nvcc 13.0 for sm_90 (unrolled copies included: a
+# chunk of 8 elements and the scalar head/tail). Lower counts pass (then lower the budget
+# here); a higher count fails: an extra exp2/log2/reciprocal per element, or an
+# unrolled loop that duplicates one.
+SFU_BUDGET = {
+    "bf16/bf16 block": {"loss": 1, "merge": 90, "pass1": 56, "pass2": 60, "pass3": 54},
+    "bf16/bf16 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+    "bf16/f32 block": {"loss": 1, "merge": 90, "pass1": 56, "pass2": 60, "pass3": 54},
+    "bf16/f32 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+    "bf16/fp16 block": {"loss": 1, "merge": 90, "pass1": 42, "pass2": 36, "pass3": 54},
+    "bf16/fp16 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 44, "pass3": 54},
+    "f32/bf16 block": {"loss": 1, "merge": 90, "pass1": 56, "pass2": 60, "pass3": 54},
+    "f32/bf16 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+    "f32/f32 block": {"loss": 1, "merge": 90, "pass1": 56, "pass2": 60, "pass3": 54},
+    "f32/f32 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+    "f32/fp16 block": {"loss": 1, "merge": 90, "pass1": 42, "pass2": 36, "pass3": 54},
+    "f32/fp16 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+    "fp16/bf16 block": {"loss": 1, "merge": 90, "pass1": 42, "pass2": 36, "pass3": 54},
+    "fp16/bf16 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 44, "pass3": 54},
+    "fp16/f32 block": {"loss": 1, "merge": 90, "pass1": 42, "pass2": 36, "pass3": 54},
+    "fp16/f32 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+    "fp16/fp16 block": {"loss": 1, "merge": 90, "pass1": 42, "pass2": 36, "pass3": 54},
+    "fp16/fp16 warp": {"loss": 1, "merge": 30, "pass1": 56, "pass2": 60, "pass3": 54},
+}
+
+
+def _source_functions(path: Path):
+    """{line: function name} for the functions defined at column 0 of a header."""
+    out, name = {}, None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        m = re.match(r"^(?:MOEKD_HD|inline|__device__|template <[^>]*>\s*MOEKD_HD)\s.*?\b(\w+)\(", line)
+        if m and name is None:
+            name = m.group(1)
+        if name:
+            out[number] = name
+        if name and (line.startswith("}") or (m and line.rstrip().endswith("}"))):
+            name = None
+    return out
+
+
+def _kernel_key(mangled: str) -> str:
+    """'bf16/f32 block' for moe_kd_kernel<bf16_t, float, false>."""
+    m = re.search(r"moe_kd_kernelI(.*)Lb([01])E", mangled)
+    assert m, mangled
+    rest, types = m.group(1), []
+    while rest:
+        if rest[0] == "f":
+            types.append("f32")
+            rest = rest[1:]
+        elif rest[0] == "N":
+            end = rest.index("E")
+            types.append("bf16" if "bf16_t" in rest[:end] else "fp16")
+            rest = rest[end + 1:]
+        else:  # a substitution: the first type again
+            sub = re.match(r"S\d*_", rest)
+            assert sub, mangled
+            types.append(types[0])
+            rest = rest[sub.end():]
+    return f"{types[0]}/{types[1]} {'warp' if m.group(2) == '1' else 'block'}"
+
+
+def sfu_counts(ptx: str, csrc: Path):
+    """{kernel key: {part: count}} for the special-function instructions of each kernel,
+    attributed through the PTX line info (.loc: the innermost source line and the line it
+    was inlined at) to the kernel part of SFU_PARTS; anything else is "other:<function>"."""
+    functions = {name: _source_functions(path) for name, path in
+                 (("moekd_row.h", csrc / "cuda" / "moekd_row.h"), ("moekd_math.h", csrc / "common" / "moekd_math.h"),
+                  ("moekd_cuda.cuh", csrc / "cuda" / "moekd_cuda.cuh"))}
+    files = dict(re.findall(r'^\s*\.file\s+(\d+)\s+"(?:[^"]*/)?([^"/]+)"', ptx, re.M))
+
+    def function_at(file_id, line):
+        return functions.get(files.get(file_id), {}).get(int(line), f"{files.get(file_id)}:{line}")
+
+    counts, kernel, part = {}, None, None
+    for line in ptx.splitlines():
+        entry = re.match(r"\s*\.(?:visible\s+)?\.entry\s+(\w+)", line)
+        if entry:
+            kernel = _kernel_key(entry.group(1))
+            counts[kernel] = {}
+            continue
+        loc = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)\s+\d+(.*)", line)
+        if loc:
+            inner = function_at(loc.group(1), loc.group(2))
+            at = re.search(r"inlined_at (\d+) (\d+)", loc.group(3))
+            outer = function_at(at.group(1), at.group(2)) if at else None
+            part = SFU_PARTS.get(inner) or SFU_PARTS.get(outer) or f"other:{inner}"
+            continue
+        if kernel is not None and SFU_OPS.search(line):
+            counts[kernel][part] = counts[kernel].get(part, 0) + 1
+    return counts
+
+
+def test_special_function_budget_per_pass(tmp_path):
+    """PTX for sm_90 (no GPU, no ptxas: ~10 s): the special-function instructions of each
+    kernel, per pass, within the recorded budget. In CI (CI=true) nvcc must be there."""
+    if NVCC is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("nvcc is not on PATH, and CI must check the CUDA kernel's instruction budget")
+        pytest.skip("nvcc is not on PATH: the PTX instruction budget cannot be checked")
+    out = tmp_path / "moekd_cuda.ptx"
+    cmd = [NVCC, "-ptx", "-arch=sm_90", "-lineinfo", f"-I{CSRC}", "-O3", "-std=c++17", *TORCH_NVCC_DEFINES,
+           str(CUDA_DIR / "moekd_cuda.cu"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+    ptx = out.read_text()
+    counts = sfu_counts(ptx, CSRC)
+    table = "\n".join(f"  {k!r}: {dict(sorted(v.items()))}," for k, v in sorted(counts.items()))
+    print(f"special-function instructions per kernel and part:\n{table}")
+    assert len(counts) == 18, sorted(counts)                         # 3 x 3 dtypes x warp/block rows
+    assert sum(map(sum, (v.values() for v in counts.values()))) == len(SFU_OPS.findall(ptx))
+    for kernel, parts in counts.items():
+        # The attribution itself must work: every pass has its exps, nothing is unplaced.
+        assert all(parts.get(p, 0) > 0 for p in ("pass1", "pass2", "pass3", "loss")), (kernel, parts)
+        assert not [p for p in parts if p.startswith("other:")], (kernel, parts)
+        over = {p: (n, SFU_BUDGET[kernel].get(p, 0)) for p, n in parts.items() if n > SFU_BUDGET[kernel].get(p, 0)}
+        assert not over, f"{kernel}: over the budget (count, budget): {over}\n{table}"
+
+
 def _torch_includes():
     from torch.utils.cpp_extension import include_paths
 
