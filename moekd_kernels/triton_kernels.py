@@ -268,7 +268,7 @@ def moe_kd_row_kernel(
         inv_G = tl.where(in_range, 1.0 / G, float("nan"))
         r_y = u_y * inv_G                                                        # r_ℓy
         # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1).
-        # Why this is not the C++/CUDA loss (moekd::row_loss_of in csrc/common/moekd_math.h):
+        # Why this is not the C++/CUDA loss (moekd::row_loss in csrc/common/moekd_math.h):
         # that regrouped form keeps the target's log D out of the sums and evaluates a log1p
         # per level in float64 once per row, so that every term is one-signed. This textbook
         # form cancels instead when the experts saturate (large β, r_y → 1) and then loses

@@ -12,7 +12,7 @@
 //   2. Σ over classes of the u-weighted terms, target apart   → RowSums
 //   3. the gradient, element by element (grad_base_term + the per-level terms)
 // and turns the pass-2 sums into loss and stats once per row: finalize_row_stats()
-// forms G and the stats, row_loss_of() the loss. They are the one home of those
+// forms G and the stats, row_loss() the loss. They are the one home of those
 // formulas for both kernels (the CPU calls both through finalize_row(); the CUDA
 // kernel calls the first in every thread and the second in one, see moekd_row.h).
 // The per-element loops of passes 1–3 are written in each kernel, because each
@@ -26,11 +26,9 @@
 #if defined(__CUDACC__)
 #define MOEKD_HD __host__ __device__ __forceinline__
 #define MOEKD_UNROLL _Pragma("unroll")
-#define MOEKD_NO_UNROLL _Pragma("unroll 1")
 #else
 #define MOEKD_HD inline
 #define MOEKD_UNROLL
-#define MOEKD_NO_UNROLL
 #endif
 
 namespace moekd {
@@ -141,54 +139,35 @@ MOEKD_HD RowResult finalize_row_stats(const RowSums& s, const Params& p, float l
 // expm1(−log σ_y), never 1/σ_y − 1 (σ_y may be e^−20000 for logits of 1e4).
 // Once per row, in double: a few transcendentals per level, nothing per class.
 // This is the one place the loss is formed, for the C++ and the CUDA kernel alike.
-//
-// `levels` gives the per-level sums: levels.u_target(l) = u_ℓy and levels.u_log_q(l) =
-// Σ_c u_ℓc log q_ℓc; the level-independent ones come as arguments. The CPU passes its
-// RowSums (RowSumsLevels); the CUDA kernel reads them where its group published them,
-// in shared memory, and its level loops stay rolled (a double log1p per level, unrolled
-// and in registers, would push the kernel past its register cap into spills).
-template <class Levels>
-MOEKD_HD float row_loss_of(const Levels& levels, float u_rest, float u_log_D_rest, const Params& p,
-                           double log_sigma_y) {
+MOEKD_HD float row_loss(const RowSums& s, const Params& p, double log_sigma_y) {
   // A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
   double loss = 0.0;  // the loss times G
   if (p.gate_weight != 0.0f) {
     double gate = 0.0;  // −Σ_ℓ τ² Σ_c u log q
-    MOEKD_NO_UNROLL
-    for (int l = 0; l < p.num_levels; ++l)
-      gate -= static_cast<double>(p.tau[l]) * p.tau[l] * levels.u_log_q(l);
+    MOEKD_UNROLL
+    for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l)
+      gate -= static_cast<double>(p.tau[l]) * p.tau[l] * s.u_log_q[l];
     loss = p.gate_weight * gate;
   }
   double u_target = 0.0;  // Σ_ℓ u_ℓy
-  MOEKD_NO_UNROLL
-  for (int l = 0; l < p.num_levels; ++l) u_target += levels.u_target(l);
+  MOEKD_UNROLL
+  for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l) u_target += s.u_target[l];
   if (p.expert_weight != 0.0f) {
-    double expert = u_log_D_rest;  // −G Σ_ℓc r log p_ℓc(y)
-    if (u_rest != 0.0f) expert -= u_rest * log_sigma_y;  // 0 · log 0 = 0
+    double expert = s.u_log_D_rest;  // −G Σ_ℓc r log p_ℓc(y)
+    if (s.u_rest != 0.0f) expert -= s.u_rest * log_sigma_y;  // 0 · log 0 = 0
     // m = −log σ_y >= 0 (+inf for a masked target); a sum that rounded below 1 can
     // leave log σ_y a hair above 0, read as σ_y = 1. NaN fails the test and stays NaN.
     const double m = log_sigma_y > 0.0 ? 0.0 : -log_sigma_y;
     const double odds = expm1(m);  // (1 − σ_y)/σ_y
-    MOEKD_NO_UNROLL
-    for (int l = 0; l < p.num_levels; ++l) {
-      const float u_y = levels.u_target(l);
-      if (u_y == 0.0f) continue;
+    MOEKD_UNROLL
+    for (int l = 0; l < kMaxLevels && l < p.num_levels; ++l) {
+      if (s.u_target[l] == 0.0f) continue;
       // Past m ~ 709 odds overflows, and log1p(e^−β odds) = m − β to double precision.
-      expert += u_y * (odds < INFINITY ? log1p(odds / p.exp_beta[l]) : m - p.beta[l]);
+      expert += s.u_target[l] * (odds < INFINITY ? log1p(odds / p.exp_beta[l]) : m - p.beta[l]);
     }
     loss += p.expert_weight * expert;
   }
-  return static_cast<float>(loss / (u_target + u_rest));
-}
-
-struct RowSumsLevels {
-  const RowSums& s;
-  MOEKD_HD float u_target(int l) const { return s.u_target[l]; }
-  MOEKD_HD float u_log_q(int l) const { return s.u_log_q[l]; }
-};
-
-MOEKD_HD float row_loss(const RowSums& s, const Params& p, double log_sigma_y) {
-  return row_loss_of(RowSumsLevels{s}, s.u_rest, s.u_log_D_rest, p, log_sigma_y);
+  return static_cast<float>(loss / (u_target + s.u_rest));
 }
 
 // Loss, stats and pass-3 constants of one row from its pass-2 sums.

@@ -154,14 +154,12 @@ void run(Job& job) {
       for (auto& lc : lcs) publish_pass2(lc.data(), l, merged);
     }
     const moekd::RowResult res = finalize_stats(lcs[0].data(), rc, kc.p);
+    job.loss[row] = finalize_loss(lcs[0].data(), rc, kc.p);
     job.ll[row] = res.log_likelihood;
     job.agreement[row] = res.agreement;
-    const RowTotals totals = row_totals_of(rc, &job.loss[row]);
-    if (job.need_grad) {
-      for (auto& lc : lcs) publish_R(lc.data(), res, L);
-      for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
-    }
-    *totals.loss = finalize_loss(lcs[0].data(), totals, kc.p);
+    if (!job.need_grad) continue;
+    for (auto& lc : lcs) publish_R(lc.data(), res, L);
+    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
   }
 }
 

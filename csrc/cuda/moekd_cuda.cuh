@@ -160,7 +160,6 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   extern __shared__ Vec16 smem_cache[];
   constexpr int kGroups = kWarpRows ? kWarpRowsThreads / 32 : 1;
   __shared__ LevelConsts level_consts[kGroups][kMaxLevels];
-  __shared__ RowTotals row_totals[kGroups];
 
   RowCtx<TS, TT> r;
   long long row;
@@ -241,20 +240,16 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   group_sync<kWarpRows>();
 
   const RowResult res = finalize_stats(r.lc, rc, a.kc.p);
-  // The loss comes last (finalize_loss): what it needs of this row, its address
-  // included, waits in shared memory meanwhile, not in registers.
-  RowTotals& totals = row_totals[kWarpRows ? threadIdx.x >> 5 : 0];
   if (r.gi == 0) {
+    a.loss[row] = finalize_loss(r.lc, rc, a.kc.p);
     a.log_likelihood[row] = res.log_likelihood;
     a.agreement[row] = res.agreement;
-    totals = row_totals_of(rc, a.loss + row);
   }
-  if (a.need_grad) {  // the same for every thread of the group
-    if (leader) publish_R(r.lc, res, r.L);
-    group_sync<kWarpRows>();
-    pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
-  }
-  if (r.gi == 0) *totals.loss = finalize_loss(r.lc, totals, a.kc.p);
+  if (!a.need_grad) return;  // the same for every thread: no barrier is left waiting
+  if (leader) publish_R(r.lc, res, r.L);
+  group_sync<kWarpRows>();
+
+  pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
 }
 
 }  // namespace cuda_kernel
