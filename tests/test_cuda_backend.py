@@ -880,3 +880,27 @@ def test_gpu_teacher_shared_by_levels(built):
     want = built.forward(case.student, shared.contiguous(), case.target, opts)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("beta", [20.0, 50.0])
+def test_emulated_saturated_experts_keep_a_tiny_loss_accurate(emulator, tmp_path, beta):
+    """Student and teacher sure of the label, β large, no gate term: the loss is 2e-5
+    (β = 20) to 6e-18 (β = 50), while its textbook terms log σ_y + Σ β r_y − Σ r log D are of
+    size β and cancel. moekd::row_loss (one-signed terms, as the CPU kernel) keeps float32
+    within its tolerance; the textbook form in float32 was off by 2% and by 1e11.
+    Loss and stats only: the target's gradient element is still formed the textbook way in
+    pass 3 (the CPU kernel's target_gradient regroups it), 6e-3 off here at β = 20."""
+    g = torch.Generator().manual_seed(3)
+    N, C = 8, 64
+    target = torch.randint(0, C, (N,), generator=g)
+    student = torch.randn(N, C, generator=g)
+    teacher = torch.randn(2, N, C, generator=g)
+    student[torch.arange(N), target] += 6.0
+    teacher[:, torch.arange(N), target] += 4.0
+    options = dict(expert_strength=beta, gate_weight=0.0, temperature=[1.0, 2.0])
+    case = Case(student, teacher, target, options)
+    loss, _, ll, agreement = emulate(emulator, student, teacher, target, options, threads=32, tmp_path=tmp_path)
+    exp_loss, _, exp_ll, exp_agree = float64_oracle(case)
+    for name, got, want in (("loss", loss, exp_loss), ("log_likelihood", ll, exp_ll),
+                            ("agreement", agreement, exp_agree)):
+        assert rel_err(got, want) <= 1e-5, (name, rel_err(got, want))
