@@ -182,6 +182,9 @@ MOEKD_HD RowResult finalize_row(const RowSums& s, const Params& p, double log_si
 // ∂loss/∂s_j = λ_e (σ_j A − [j = y])                                 (this term)
 //            + Σ_ℓ [ λ_e r_ℓj (1 − 1/D_ℓj) + λ_g τ_ℓ (R_ℓ q_ℓj − r_ℓj) ]  (per level)
 // with σ_j r_ℓj expm1(β)/D_ℓj written as r_ℓj (1 − 1/D_ℓj): bounded, no exp(β)·σ.
+// At j = y the expert part cancels once the experts saturate; each kernel then forms
+// that one element as λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy) + the gate terms, from its
+// own intermediates (CPU: target_gradient, in double; CUDA: fix_target_gradient).
 MOEKD_HD float grad_base_term(const Params& p, const RowResult& row, float sigma, bool is_target) {
   return p.expert_weight * (sigma * row.A - (is_target ? 1.0f : 0.0f));
 }

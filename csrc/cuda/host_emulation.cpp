@@ -159,7 +159,10 @@ void run(Job& job) {
     job.agreement[row] = res.agreement;
     if (!job.need_grad) continue;
     for (auto& lc : lcs) publish_R(lc.data(), res, L);
-    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
+    const float w = read_grad_scale(job.grad_scale);
+    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, w);
+    for (int g = 0; g < G; ++g)
+      if (owns_class(ctx[g], ctx[g].y)) fix_target_gradient(ctx[g], kc.p, rc, res, w);
   }
 }
 

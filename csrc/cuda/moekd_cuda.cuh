@@ -249,7 +249,9 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   if (leader) publish_R(r.lc, res, r.L);
   group_sync<kWarpRows>();
 
-  pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
+  const float w = read_grad_scale(a.grad_scale);
+  pass3(r, a.kc.p, rc, res, w);
+  if (owns_class(r, r.y)) fix_target_gradient(r, a.kc.p, rc, res, w);
 }
 
 }  // namespace cuda_kernel

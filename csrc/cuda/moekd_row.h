@@ -698,6 +698,39 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
   }
 }
 
+// Whether this thread wrote class c in pass 3 (its chunk, or its scalar item).
+template <class TS, class TT>
+MOEKD_HD bool owns_class(const RowCtx<TS, TT>& r, int c) {
+  const int end = r.head + kChunk * r.nchunks;
+  if (c >= r.head && c < end) return (c - r.head) / kChunk % r.G == r.gi;
+  return (c < r.head ? c : c - kChunk * r.nchunks) % r.G == r.gi;
+}
+
+// The target's gradient element, regrouped as the CPU kernel's target_gradient: pass 3's
+// λ_e (σ_y A − 1 + Σ_ℓ r_ℓy (1 − 1/D_ℓy)) cancels once the experts saturate (r_y → 1);
+// with 1 − Σ_ℓ r_ℓy = u_rest/G it is λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy). Once per
+// row, by the thread that wrote the element, after its pass 3; levels in a rolled loop
+// over the shared level constants.
+template <class TS, class TT>
+MOEKD_HD void fix_target_gradient(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& rc,
+                                  const RowResult& res, float w) {
+  const float d = Elem<TS>::to_float(r.s[r.y]) - rc.s_max;
+  const float sigma = exp2f(fmaf(d, kLog2e, -rc.s_lse2));
+  float expert = fmaf(sigma, res.A, -rc.u_rest * res.inv_G);
+  float gate = 0.0f;
+  for (int l = 0; l < r.L; ++l) {
+    const LevelConsts& c = r.lc[l];
+    const float pi = exp2f(fmaf(Elem<TT>::to_float(r.level(l)[r.y]) - c.t_max, c.k2, -c.t_lse2));
+    const float q = exp2f(fmaf(d, c.k2, -c.q_lse2));
+    const float inv_D = fast_rcp(expert_normaliser(c.expm1_beta, sigma));
+    const float r_y = c.weight * pi * c.exp_beta * inv_D * res.inv_G;
+    expert -= r_y * inv_D;
+    gate += c.gate_tau * (c.R * q - r_y);
+  }
+  // A zero weight drops its term, as in the loss: no 0 · inf.
+  r.g[r.y] = Elem<TS>::from_float(w * ((p.expert_weight != 0.0f ? p.expert_weight * expert : 0.0f) + gate));
+}
+
 // Ignored rows get a zero gradient row, rows with an out-of-range target a NaN one.
 template <class TS, class TT>
 MOEKD_HD void fill_grad(const RowCtx<TS, TT>& r, float value) {
