@@ -9,6 +9,7 @@ instance, so it gets a fraction of the examples and smaller tensors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from hypothesis import HealthCheck, settings
@@ -33,8 +34,16 @@ settings.register_profile(
 PROFILE = os.environ.get("MOEKD_HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 
+from conftest import IN_CI
+
 # Collected once at import: a backend that lands later is tested without editing the tests.
 BACKENDS = moekd_kernels.available_backends("cpu")
+# In CI every backend that can run on CPU tensors must: one that failed to build stays in
+# the parametrization, and its tests fail with the backend's reason instead of vanishing.
+EXPECTED_IN_CI = ("reference", "cpu", "triton")
+if IN_CI:
+    BACKENDS = tuple(name for name in moekd_kernels.backends.BACKENDS
+                     if name in BACKENDS or name in EXPECTED_IN_CI)
 
 # Fraction of the profile's examples each backend gets, and its tensor size limits.
 _SHARE = {"triton": 0.2}
@@ -54,3 +63,33 @@ def max_rows(backend: str) -> int:
 
 def max_classes(backend: str) -> int:
     return _MAX_CLASSES.get(backend, 40)
+
+
+# Long rows: past every block size. The CPU kernel sums classes in float32 within blocks
+# of 1024 (kSumBlock, csrc/cpu/moekd_cpu.cpp) and in double across them, so 1025-2100
+# classes give two or three blocks, the last one partial. Triton's multi-block path
+# starts past TILES[device].single values (16384 under the interpreter, too slow there),
+# so its long rows run with 32-value tiles (``forced_small_blocks``): 17-72 classes are
+# then 2-5 blocks at L = 1 and more at L > 1.
+_LARGE_CLASSES = {"triton": (17, 72)}
+_SMALL_TILE = 32
+
+
+def large_classes(backend: str):
+    return _LARGE_CLASSES.get(backend, (1025, 2100))
+
+
+@contextlib.contextmanager
+def forced_small_blocks(backend: str, enabled: bool):
+    """Run ``backend`` with small blocks where it has a block size the tests can set."""
+    if not enabled or backend != "triton":
+        yield
+        return
+    from moekd_kernels import triton_backend
+    saved = dict(triton_backend.TILES)
+    for device in saved:
+        triton_backend.TILES[device] = triton_backend.Tiles(_SMALL_TILE, _SMALL_TILE, _SMALL_TILE)
+    try:
+        yield
+    finally:
+        triton_backend.TILES.update(saved)

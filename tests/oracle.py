@@ -14,7 +14,7 @@ cannot hide by being on both sides of a comparison.
   Working in log space it also stays exact where the naive mixture underflows
   (log p(y) < −745, a logit gap of ~1e3) or is 0/0 (a masked target).
 
-``check_outputs`` is the conformance check; see ``_check_gradient`` for the model.
+``check_outputs`` is the conformance check; see ``check_gradient`` for the model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ DEFAULT_OPTIONS = {"temperature": 4.0, "expert_strength": 2.0, "level_weights": 
 # room for the sums over C classes and L levels.
 STATS_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
-# Gradient model (``_check_gradient``): the float64 gradient rounded once to the output
+# Gradient model (``check_gradient``): the float64 gradient rounded once to the output
 # dtype, each element within ULPS[dtype] of it, plus HEADROOM[dtype] × the row's scale for
 # elements formed as differences of larger float32 terms. The row's scale is its largest
 # |gradient|, or the size of the terms (``term_scale``) where they cancel further: a
@@ -276,7 +276,7 @@ def term_scale(case: Case) -> torch.Tensor:
     return torch.where(p.valid, scale, 0.0).double()
 
 
-def _check_gradient(name: str, actual: torch.Tensor, expected: torch.Tensor,
+def check_gradient(name: str, actual: torch.Tensor, expected: torch.Tensor,
                     headroom: Optional[torch.Tensor] = None) -> None:
     """Element by element: ``actual`` (the backend's gradient, in its dtype) against the
     float64 ``expected`` rounded once to that dtype; see ULPS/HEADROOM above. For 16-bit
@@ -330,7 +330,7 @@ def check_outputs(label: str, got: Sequence[torch.Tensor], expected: Sequence[to
     agreement) per row; expected is float64 (the gradient already times grad_output).
 
     Loss and stats: normwise relative error within STATS_TOLERANCE (float32 for every
-    input dtype), non-finite entries equal. Gradient: ``_check_gradient``, element by
+    input dtype), non-finite entries equal. Gradient: ``check_gradient``, element by
     element, with ``grad_scale`` (per row: ``term_scale`` times grad_output) as the
     cancellation scale. ``tol`` replaces the loss/stats bound (and, for float64, the
     gradient's).
@@ -345,7 +345,7 @@ def check_outputs(label: str, got: Sequence[torch.Tensor], expected: Sequence[to
         assert errs[name] <= stats_tol, f"{label} {name}: rel err {errs[name]:.3g} > {stats_tol:g} ({input_dtype})"
     if tol is not None and grad.dtype == torch.float64:
         assert errs["grad"] <= tol, f"{label} grad: rel err {errs['grad']:.3g} > {tol:g}"
-    _check_gradient(f"{label} grad", grad, exp_grad, grad_scale)
+    check_gradient(f"{label} grad", grad, exp_grad, grad_scale)
     return errs
 
 

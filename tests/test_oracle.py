@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oracle import (Case, _check_gradient, closed_form_oracle, classic_kd, make_case, naive_oracle,
+from oracle import (Case, check_gradient, closed_form_oracle, classic_kd, make_case, naive_oracle,
                     rel_err, ulp)
 
 
@@ -90,9 +90,9 @@ def _gradient_sample(dtype, rounding):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gradient_check_accepts_nearest_and_rejects_truncation(dtype):
-    _check_gradient("nearest", *_gradient_sample(dtype, "nearest"))
+    check_gradient("nearest", *_gradient_sample(dtype, "nearest"))
     with pytest.raises(AssertionError, match="biased"):
-        _check_gradient("truncated", *_gradient_sample(dtype, "truncate"))
+        check_gradient("truncated", *_gradient_sample(dtype, "truncate"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -101,4 +101,4 @@ def test_gradient_check_fails_on_one_bad_element(dtype):
     got = got.clone()
     got[3, 17] = (exact[3, 17] * (1 + 2.0 ** -5)).to(dtype)            # 8 bf16 ulps, 2^18 float32 ulps
     with pytest.raises(AssertionError, match=r"1 of 3200 gradient elements off"):
-        _check_gradient("one bad", got, exact)
+        check_gradient("one bad", got, exact)

@@ -11,18 +11,17 @@ import os
 import pytest
 import torch
 
+from conftest import requires
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels import triton_backend
 from moekd_kernels.backends import BACKENDS, resolve_backend
-from moekd_kernels.options import resolve_options
-from oracle import Case, check_backend, classic_kd, float64_oracle, make_case, rel_err
+from oracle import Case, check_backend, classic_kd, float64_oracle, kernel_options, make_case, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = BACKENDS["triton"].unavailable_reason(DEVICE)
 # Only a missing Triton skips. With Triton installed (CI installs it), a broken
 # TRITON_INTERPRET setup must fail, and test_interpreter_is_effective says why.
-pytestmark = pytest.mark.skipif(triton_backend._IMPORT_ERROR is not None,
-                                reason=f"backend 'triton': {_REASON}")
+pytestmark = requires("backend 'triton'", _REASON if triton_backend._IMPORT_ERROR is not None else None)
 
 # The largest single-block row for L = 1: BLOCK + 1 classes take the multi-block path.
 BLOCK = triton_backend.TILES[DEVICE].single
@@ -30,9 +29,7 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _opts(num_levels, **options):
-    defaults = dict(temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
-                    expert_weight=1.0, ignore_index=-100)
-    return resolve_options(num_levels, **{**defaults, **options})
+    return kernel_options(num_levels, **options)
 
 
 def _check_rows(out, case, tol):
