@@ -594,10 +594,14 @@ def test_kernel_backends_refuse_float64_students_by_name(backend):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_kernel_backends_explain_too_many_levels_or_accept_them(backend):
-    """More levels than a kernel supports is a ValueError naming teacher_logits;
-    a kernel without such a limit must simply be right."""
-    case = make_case(3, 6, 9, seed=40, ignore_frac=0.0)
-    try:
-        check_backend(backend, case)
-    except ValueError as exc:
-        assert "teacher_logits" in str(exc) and "levels" in str(exc)
+    """A kernel with a level limit (the registry's max_levels) refuses L = limit + 1 with a
+    ValueError naming teacher_logits, the L given and the limit, and is right at the limit;
+    a kernel without one must simply be right at L = 9."""
+    limit = REGISTRY[backend].max_levels
+    if limit is None:
+        check_backend(backend, make_case(3, 6, 9, seed=40, ignore_frac=0.0))
+        return
+    case = make_case(3, 6, limit + 1, seed=40, ignore_frac=0.0)
+    with pytest.raises(ValueError, match=rf"teacher_logits has L={limit + 1} levels.*'{backend}' supports at most {limit}\b"):
+        fused_moe_kd_loss(case.student, case.teacher, case.target, backend=backend)
+    check_backend(backend, make_case(3, 6, limit, seed=40, ignore_frac=0.0))
