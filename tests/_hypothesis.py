@@ -3,6 +3,17 @@
     MOEKD_HYPOTHESIS_PROFILE=ci    (default) few examples, derandomized: CI-sized and reproducible
     MOEKD_HYPOTHESIS_PROFILE=long  many random examples, for a soak run before a release
 
+What "ci" covers: derandomized, so every run draws the same examples (a failure
+reproduces; new coverage needs new draws, i.e. "long" or a new explicit test). Per
+backend, 40 × the test's share × the backend's share examples (``budget``): for
+reference and cpu, 80 oracle comparisons, 40 each of the metamorphic properties, 20
+long-row and 20 reduction draws; Triton a fifth of that (at least 3 per test). Those
+draws include τ = 1 and τ ≠ 1, 1-3 levels with per-level options, all three input
+dtypes and float64/bf16/fp32 teachers, −inf masks, ties, ignored rows (all-ignored
+batches in one draw in ten), ignore_index inside [0, C), and long rows past every
+block size (test_properties.py, ``cases``). The exact draws depend on the strategies:
+changing a strategy changes them.
+
 The Triton backend runs under TRITON_INTERPRET=1 on CPU, a Python loop per program
 instance, so it gets a fraction of the examples and smaller tensors.
 """
