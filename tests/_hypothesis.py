@@ -7,7 +7,7 @@ What "ci" covers: derandomized, so every run draws the same examples (a failure
 reproduces; new coverage needs new draws, i.e. "long" or a new explicit test). Per
 backend, 40 × the test's share × the backend's share examples (``budget``): for
 reference and cpu, 80 oracle comparisons, 40 each of the metamorphic properties, 20
-long-row and 20 reduction draws; Triton a fifth of that (at least 3 per test). Those
+long rows, 20 reduction draws; Triton a fifth of that (at least 3 per test). Those
 draws include τ = 1 and τ ≠ 1, 1-3 levels with per-level options, all three input
 dtypes and float64/bf16/fp32 teachers, −inf masks, ties, ignored rows (all-ignored
 batches in one draw in ten), ignore_index inside [0, C), and long rows past every
@@ -80,9 +80,9 @@ def max_classes(backend: str) -> int:
 # of 1024 (kSumBlock, csrc/cpu/moekd_cpu.cpp) and in double across them, so 1025-2100
 # classes give two or three blocks, the last one partial. Triton's multi-block path
 # starts past TILES[device].single values (16384 under the interpreter, too slow there),
-# so its long rows run with 32-value tiles (``forced_small_blocks``): 17-72 classes are
-# then 2-5 blocks at L = 1 and more at L > 1.
-_LARGE_CLASSES = {"triton": (17, 72)}
+# so its long rows run with 32-value tiles (``forced_small_blocks``): 33-96 classes are
+# then 2-3 blocks at L = 1 and 3-6 blocks of 16 at L > 1.
+_LARGE_CLASSES = {"triton": (33, 96)}
 _SMALL_TILE = 32
 
 

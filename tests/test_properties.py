@@ -187,9 +187,9 @@ def check_against_oracle(backend: str, case: Case, seed: int = 0) -> Result:
     valid = case.target.reshape(-1) != _opts(case)["ignore_index"]
     kappa = {k: torch.where(valid, v, 0.0) for k, v in kappa.items()}
     assert_close("loss", got.loss, exp_loss, kappa["loss"], tol)
-    # grad_out reached the backend rounded to float32 (the loss dtype).
-    grad_out = grad_out.float().double()
-    check_gradient("grad", got.raw_grad, exp_grad * grad_out[:, None], grad_headroom(kappa["grad"] * grad_out))
+    # grad_out reaches autograd as float32 (the loss dtype) and scales the stored gradient.
+    grad_out = grad_out.float()
+    check_gradient("grad", got.raw_grad, exp_grad, grad_headroom(kappa["grad"] * grad_out.double()), grad_out)
     assert_close("log_likelihood", got.log_likelihood, exp_ll, kappa["stats"], tol)
     assert_close("agreement", got.agreement, exp_agree, kappa["stats"], tol)
     check_exact_invariants(case, got)
@@ -266,8 +266,10 @@ def cases(draw, backend: str, *, dtypes=ALL_DTYPES, max_levels: int = 3, beta=No
     teacher_dtype = draw(st.sampled_from([dtype, dtype, torch.float32, torch.bfloat16, torch.float64]))
     opts = draw(options(num_levels, beta=beta, tau_one=long_rows and draw(st.booleans())))
     seed = draw(st.integers(0, 2 ** 31 - 1))
-    # All-ignored batches are an edge case, not the rule: one draw in ten.
-    ignore_frac = draw(st.sampled_from([0.0, 0.0, 0.3, 0.3, 0.3, 0.3, 0.3, 0.6, 0.6, 1.0])) if ignore else 0.0
+    # All-ignored batches are an edge case, not the rule: one draw in ten (none for the
+    # few rows of a long-row case, which are there to be computed).
+    fractions = [0.0, 0.3] if long_rows else [0.0, 0.0, 0.3, 0.3, 0.3, 0.3, 0.3, 0.6, 0.6, 1.0]
+    ignore_frac = draw(st.sampled_from(fractions)) if ignore else 0.0
     lead_shape = (num_rows,)
     if num_rows % 2 == 0 and draw(st.booleans()):
         lead_shape = (2, num_rows // 2)          # (B, T, C) inputs are flattened by the API
@@ -313,7 +315,7 @@ def test_matches_float64_oracle(backend):
 
 def test_long_rows_match_float64_oracle(backend):
     """Rows past every block size, at τ = 1 and τ ≠ 1 (see ``cases``)."""
-    @budget(backend, 0.5)
+    @budget(backend, 1.0)
     @given(case=cases(backend, long_rows=True), seed=st.integers(0, 1000))
     def prop(case, seed):
         check_against_oracle(backend, case, seed)
@@ -343,8 +345,9 @@ def test_reductions_match_float64_oracle(backend):
             assert loss.shape == () and loss.dtype == torch.float32
             assert_close("loss", loss.detach().double().reshape(1), exp_loss.sum().reshape(1) / divisor,
                          kappa["loss"].sum().reshape(1) / divisor, STATS_TOLERANCE[case.student.dtype])
-        check_gradient("grad", student.grad, exp_grad * (scale / divisor),
-                       grad_headroom(kappa["grad"] * (scale / divisor)))
+        # "mean" folds 1/divisor into the kernel; the factor scale is applied to the stored gradient.
+        check_gradient("grad", student.grad, exp_grad / divisor, grad_headroom(kappa["grad"] * (scale / divisor)),
+                       torch.full((exp_grad.shape[0],), scale))
         assert (student.grad.reshape(exp_grad.shape)[~valid] == 0).all()
 
     prop()
