@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from moekd_kernels import fused_moe_kd_loss
-from moekd_kernels.benchmarking import TOLERANCE, rel_err as _rel_err
+from moekd_kernels.benchmarking import TOLERANCE, rel_err as _rel_err  # noqa: F401 - TOLERANCE is re-exported
 
 OPTION_NAMES = ("temperature", "expert_strength", "level_weights", "gate_weight",
                 "expert_weight", "ignore_index")

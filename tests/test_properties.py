@@ -33,7 +33,6 @@ reduction (``test_reductions_match_float64_oracle``), and a few all-ignored batc
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
