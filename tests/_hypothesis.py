@@ -2,6 +2,7 @@
 
     MOEKD_HYPOTHESIS_PROFILE=ci    (default) few examples, derandomized: CI-sized and reproducible
     MOEKD_HYPOTHESIS_PROFILE=long  many random examples, for a soak run before a release
+    MOEKD_HYPOTHESIS_PROFILE=mutants  the ci draws without shrinking (tests/mutants.py)
 
 What "ci" covers: derandomized, so every run draws the same examples (a failure
 reproduces; new coverage needs new draws, i.e. "long" or a new explicit test). Per
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 import moekd_kernels
 
@@ -35,6 +36,10 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# The ci draws without shrinking: tests/mutants.py only needs to know that a test fails,
+# and shrinking a failure costs minutes.
+settings.register_profile("mutants", settings.get_profile("ci"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.register_profile(
     "long",
     max_examples=1000,

@@ -173,7 +173,7 @@ def check_applies(m: Mutant) -> Optional[str]:
 def run_selection(selection: str) -> Tuple[bool, List[str], str]:
     """(passed, failing test ids, output tail) of every pytest run of the selection."""
     env = {**os.environ, "PYTHONPATH": str(COPY), "MOEKD_KERNELS_CACHE": str(CACHE),
-           "MOEKD_HYPOTHESIS_PROFILE": "ci", "PYTHONDONTWRITEBYTECODE": "1"}
+           "MOEKD_HYPOTHESIS_PROFILE": "mutants", "PYTHONDONTWRITEBYTECODE": "1"}
     failed: List[str] = []
     tail = ""
     for args in SELECTIONS[selection]:
