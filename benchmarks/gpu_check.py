@@ -47,8 +47,6 @@ import traceback
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Relative-error bounds against float64 (the test suite's, tests/oracle.py).
-TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 3e-2}
 # Candidates for --sweep, per backend (tuples, or prefixes of the default's tuple).
 # triton (block, num_warps): the blocks and warps around the launch table's choices.
 # cuda (path, prefetch): each row mapping, with and without the prefetch; a forced
@@ -192,20 +190,6 @@ def section_backends(rep, device_type, wanted, tiny):
     return usable
 
 
-def rel_err(torch, actual, expected):
-    """‖actual − expected‖ / ‖expected‖ over finite entries; non-finite patterns must match."""
-    actual = actual.detach().double().cpu().reshape(-1)
-    expected = expected.detach().double().cpu().reshape(-1)
-    finite = torch.isfinite(expected)
-    if not torch.equal(finite, torch.isfinite(actual)):
-        return float("inf")
-    if not torch.equal(expected[~finite].isnan(), actual[~finite].isnan()):
-        return float("inf")
-    denom = expected[finite].norm()
-    diff = (actual[finite] - expected[finite]).norm()
-    return float(diff / denom) if denom > 0 else float(diff)
-
-
 def correctness_cases(quick, tiny):
     """(dtype name, C, L, rows, extra) for the correctness section."""
     if tiny:
@@ -269,12 +253,12 @@ def section_correctness(rep, torch, B, device, backends, quick, tiny):
                                                 **options)
                 loss.backward(grad_out.to(device, loss.dtype))
                 errs = {
-                    "loss": rel_err(torch, loss, exp_loss),
-                    "grad": rel_err(torch, leaf.grad, exp_grad),
-                    "log_likelihood": rel_err(torch, stats.log_likelihood, exp_ll),
-                    "agreement": rel_err(torch, stats.agreement, exp_agree),
+                    "loss": B.rel_err(loss, exp_loss),
+                    "grad": B.rel_err(leaf.grad, exp_grad),
+                    "log_likelihood": B.rel_err(stats.log_likelihood, exp_ll),
+                    "agreement": B.rel_err(stats.agreement, exp_agree),
                 }
-                tol = TOLERANCE[dtype_name]
+                tol = B.TOLERANCE[B.DTYPES[dtype_name]]   # shared with tests/oracle.py
                 ok = all(e <= tol for e in errs.values()) and leaf.grad.dtype == dtype
                 rep.data["correctness"].append({"backend": backend, "dtype": dtype_name, "classes": classes,
                                                 "levels": levels, "rows": rows, **extra, "tol": tol,
@@ -348,7 +332,7 @@ def section_baseline_checks(rep, torch, B, device):
         (grad,) = torch.autograd.grad(loss, leaf)
         losses.append(loss.detach())
         grads.append(grad)
-    errs = {"loss": rel_err(torch, losses[1], losses[0]), "grad": rel_err(torch, grads[1], grads[0])}
+    errs = {"loss": B.rel_err(losses[1], losses[0]), "grad": B.rel_err(grads[1], grads[0])}
     ok = all(e <= 1e-4 for e in errs.values())
     rep.data["baseline_checks"] = {"liger_classic_kd_vs_eager_classic_kd": {**errs, "ok": ok}}
     rep.log(f"{'ok  ' if ok else 'FAIL'} liger_classic_kd vs eager_classic_kd (fp32 {shape.label}, "

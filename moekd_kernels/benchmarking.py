@@ -44,6 +44,29 @@ DEFAULT_OPTIONS: Dict[str, float] = {
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
+# Normwise relative-error bounds against a float64 evaluation, by the student's dtype: the
+# one table that benchmarks/gpu_check.py and tests/oracle.py share (the tests refine the
+# gradient check element by element, tests/oracle.py).
+TOLERANCE: Dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-5,
+                                       torch.bfloat16: 3e-2, torch.float16: 3e-2}
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ over the finite entries of ``expected``, in float64;
+    inf when the non-finite entries (NaN, ±inf) of the two differ."""
+    actual = actual.detach().double().cpu().reshape(-1)
+    expected = expected.detach().double().cpu().reshape(-1)
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(actual)):
+        return math.inf
+    if not torch.equal(expected[~finite].isnan(), actual[~finite].isnan()):
+        return math.inf
+    if not torch.equal(expected[~finite & ~expected.isnan()], actual[~finite & ~actual.isnan()]):
+        return math.inf
+    denom = expected[finite].norm()
+    diff = (actual[finite] - expected[finite]).norm()
+    return float(diff / denom) if denom > 0 else float(diff)
+
 BASELINES = ("eager_moekd", "compiled_moekd", "eager_classic_kd", "liger_classic_kd")
 # Backends whose kernels only run through an interpreter on this device type: far too
 # slow to be worth timing, so benchmarks leave them out (the tests cover them).

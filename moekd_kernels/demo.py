@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends import resolve_backend
+from .benchmarking import eager_classic_kd
 from .loss import fused_moe_kd_loss
 
 REGIMES = ("strong", "weak")
@@ -156,10 +157,8 @@ def train_teacher(x: Tensor, y: Tensor, seed: int, cfg: DemoConfig) -> nn.Module
 
 def kd_loss(s: Tensor, t: Tensor, y: Tensor, cfg: DemoConfig) -> Tensor:
     """mdistiller's KD: λ_e · CE + λ_g · T² · KL(softmax(t/T) ‖ softmax(s/T)), batch mean."""
-    tau = cfg.temperature
-    kl = F.kl_div(F.log_softmax(s / tau, dim=1), F.log_softmax(t / tau, dim=1),
-                  reduction="none", log_target=True).sum(1).mean()
-    return cfg.ce_weight * F.cross_entropy(s, y) + cfg.kd_weight * tau * tau * kl
+    return eager_classic_kd(s, t, y, temperature=cfg.temperature, gate_weight=cfg.kd_weight,
+                            expert_weight=cfg.ce_weight)
 
 
 def make_loss(method: str, cfg: DemoConfig):

@@ -29,6 +29,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """x (float32) in dtype, rounded to nearest-even (Triton's interpreter truncates to bf16)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _load_block(s_row, t_row, cols, num_classes, level_ok):
     """s (BLOCK,) and t_ℓ (LP, BLOCK) as float32; classes past C and padded levels read
     as −inf, i.e. as masked classes, so they drop out of every sum."""
@@ -299,7 +311,7 @@ def moe_kd_row_kernel(
             if SINGLE_BLOCK:
                 grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau_v, inv_G, A, R,
                                                 gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                tl.store(grad_row + cols0, grad.to(grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
+                tl.store(grad_row + cols0, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
             else:
                 for start in range(0, num_classes, BLOCK):
                     cols = start + cols0
@@ -308,7 +320,7 @@ def moe_kd_row_kernel(
                         inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
                     grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
                                                     gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+                    tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols < num_classes)
 
 
 @triton.jit
@@ -331,4 +343,4 @@ def scale_rows_kernel(grad_ptr, grad_row_stride, scale_ptr, scale_stride, num_cl
             cols = start + tl.arange(0, BLOCK)
             ok = cols < last
             g = tl.load(grad_row + cols, mask=ok).to(tl.float32)
-            tl.store(grad_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=ok)
+            tl.store(grad_row + cols, _round_to(g * factor, grad_ptr.dtype.element_ty), mask=ok)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from _hypothesis import BACKENDS
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels.backends import BACKENDS as REGISTRY
-from moekd_kernels.options import MAX_EXPERT_STRENGTH, resolve_options
-from oracle import TOLERANCE, Case, check_backend, float64_oracle, make_case, naive_oracle, rel_err
+from moekd_kernels.options import MAX_EXPERT_STRENGTH
+from oracle import (TOLERANCE, Case, check_backend, check_outputs, closed_form_oracle, float64_oracle,
+                    kernel_options, make_case, naive_oracle, rel_err, term_scale)
 
 INF, NAN = math.inf, math.nan
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -35,27 +36,17 @@ def _per_row(backend, student, teacher, target, **options):
     return loss.detach(), stats.log_likelihood, stats.agreement, student.grad
 
 
-def _check_vs_reference64(backend, student, teacher, target, **options):
-    """Backend vs the float64 reference, for inputs where the naive oracle breaks down.
-
-    The naive oracle forms the mixture literally, Σ w π p(y): once log p(y) < −745 (a
-    logit gap of ~1e3) every term underflows in float64 and its r is 0/0. The closed
-    form divides σ_y out of u first, so the float64 reference (held to the naive
-    oracle at 1e-9 where both work, tests/test_reference.py) is the yardstick here.
-    """
+def _check_vs_closed_form(backend, student, teacher, target, **options):
+    """Backend vs the float64 closed-form oracle, for inputs where the naive mixture breaks
+    down: once log p(y) < −745 (a logit gap of ~1e3) every term of Σ w π p(y) underflows in
+    float64 and its r is 0/0; the closed form works in log space (tests/oracle.py)."""
     got = _per_row(backend, student, teacher, target, **options)
-    want = _per_row("reference", student.double(), teacher.double(), target, **options)
-    tol = TOLERANCE[student.dtype]
-    for name, a, b in zip(("loss", "log_likelihood", "agreement", "grad"), got, want):
-        err = rel_err(a, b)
-        assert err <= tol, f"{backend} {name}: rel err {err:.3g} > {tol:g}"
+    case = Case(student, teacher, target, options)
+    exp_loss, exp_grad, exp_ll, exp_agree = closed_form_oracle(case)
+    loss, ll, agreement, grad = got
+    check_outputs(backend, (loss, grad.reshape(exp_grad.shape), ll, agreement),
+                  (exp_loss, exp_grad, exp_ll, exp_agree), student.dtype, grad_scale=term_scale(case))
     return got
-
-
-def _opts(num_levels, **options):
-    defaults = {"temperature": 4.0, "expert_strength": 2.0, "level_weights": None,
-                "gate_weight": 1.0, "expert_weight": 1.0, "ignore_index": -100}
-    return resolve_options(num_levels, **{**defaults, **options})
 
 
 # ---------------------------------------------------------------------------------
@@ -188,7 +179,7 @@ def test_masked_target_gives_inf_like_cross_entropy(backend, dtype, teacher_mask
     assert torch.isfinite(grad).all()
     # Every expert gives p(y) = 0 here, so the naive oracle's r is 0/0; the closed form's
     # r is its limit as s_y → −inf.
-    _check_vs_reference64(backend, student, teacher, target)
+    _check_vs_closed_form(backend, student, teacher, target)
     for reduction in ("mean", "sum"):
         total = fused_moe_kd_loss(student, teacher, target, reduction=reduction, backend=backend)
         assert total == INF
@@ -214,7 +205,7 @@ def test_logits_of_1e4_in_float32(backend, tau):
         loss, ll, agreement, grad = _per_row(backend, student, teacher, target, **options)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
         assert torch.isfinite(ll).all() and torch.isfinite(agreement).all()
-        _check_vs_reference64(backend, student, teacher, target, **options)
+        _check_vs_closed_form(backend, student, teacher, target, **options)
 
 
 @backends
@@ -235,7 +226,7 @@ def test_low_precision_logits_near_the_top_of_their_range(backend, dtype):
         loss, ll, agreement, grad = _per_row(backend, student, teacher, target, temperature=tau)
         assert not loss.isnan().any() and not grad.isnan().any()
         assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
-        _check_vs_reference64(backend, student, teacher, target, temperature=tau)
+        _check_vs_closed_form(backend, student, teacher, target, temperature=tau)
 
 
 # ---------------------------------------------------------------------------------
@@ -308,7 +299,7 @@ def test_out_of_range_targets_at_the_backend_level_give_nan_rows(backend):
     GPU kernel is, unchecked) must not read out of bounds and returns NaN for that row."""
     case = make_case(5, 7, 2, seed=30, ignore_frac=0.0)
     target = torch.tensor([1, 7, -3, 2**40, 0])
-    loss, ll, agreement, grad = REGISTRY[backend].forward(case.student, case.teacher, target, _opts(2))
+    loss, ll, agreement, grad = REGISTRY[backend].forward(case.student, case.teacher, target, kernel_options(2))
     bad = torch.tensor([False, True, True, True, False])
     for rows in (loss, ll, agreement):
         assert rows[bad].isnan().all() and torch.isfinite(rows[~bad]).all()
@@ -604,10 +595,14 @@ def test_kernel_backends_refuse_float64_students_by_name(backend):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_kernel_backends_explain_too_many_levels_or_accept_them(backend):
-    """More levels than a kernel supports is a ValueError naming teacher_logits;
-    a kernel without such a limit must simply be right."""
-    case = make_case(3, 6, 9, seed=40, ignore_frac=0.0)
-    try:
-        check_backend(backend, case)
-    except ValueError as exc:
-        assert "teacher_logits" in str(exc) and "levels" in str(exc)
+    """A kernel with a level limit (the registry's max_levels) refuses L = limit + 1 with a
+    ValueError naming teacher_logits, the L given and the limit, and is right at the limit;
+    a kernel without one must simply be right at L = 9."""
+    limit = REGISTRY[backend].max_levels
+    if limit is None:
+        check_backend(backend, make_case(3, 6, 9, seed=40, ignore_frac=0.0))
+        return
+    case = make_case(3, 6, limit + 1, seed=40, ignore_frac=0.0)
+    with pytest.raises(ValueError, match=rf"teacher_logits has L={limit + 1} levels.*'{backend}' supports at most {limit}\b"):
+        fused_moe_kd_loss(case.student, case.teacher, case.target, backend=backend)
+    check_backend(backend, make_case(3, 6, limit, seed=40, ignore_frac=0.0))

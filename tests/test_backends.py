@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import IN_CI
 from moekd_kernels import available_backends, backend_names, describe_auto
 from moekd_kernels.backends import AUTO_ORDER, BACKENDS, auto_backend, check_backend_name, resolve_backend
 
@@ -20,12 +21,14 @@ def test_reference_is_always_available_on_cpu():
     assert BACKENDS["reference"].unavailable_reason("cpu") is None
 
 
-def test_auto_picks_the_first_available_backend_in_order():
+def test_auto_picks_the_cpu_kernel_for_cpu_tensors_when_it_built():
+    """SPEC §7: "auto" picks the fastest available backend; on CPU tensors that is the
+    C++ kernel, and the reference only when the kernel is unavailable (never in CI)."""
+    cpu_reason = BACKENDS["cpu"].unavailable_reason("cpu")
+    assert not (IN_CI and cpu_reason), f"the cpu kernel must build in CI: {cpu_reason}"
     chosen = auto_backend("cpu")
-    for candidate in AUTO_ORDER["cpu"]:
-        if BACKENDS[candidate].unavailable_reason("cpu") is None:
-            assert chosen == candidate
-            break
+    assert chosen == ("cpu" if cpu_reason is None else "reference")
+    assert AUTO_ORDER["cpu"] == ("cpu", "reference")
     assert f"cpu: {chosen!r}" in describe_auto()
 
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import requires
 from moekd_kernels import cpu_backend, fused_moe_kd_loss
 from moekd_kernels.backends import BACKENDS, auto_backend, resolve_backend
 from moekd_kernels.options import flatten_inputs, resolve_options
-from oracle import check_backend, classic_kd, float64_oracle, make_case, rel_err
+from oracle import check_backend, classic_kd, float64_oracle, kernel_options, make_case, rel_err
 
 reason = cpu_backend.unavailable_reason("cpu")
-pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend unavailable: {reason}")
+pytestmark = requires("backend 'cpu'", reason)
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -99,9 +100,7 @@ def test_mean_reduction_and_scaled_loss():
 
 
 def _options(num_levels, **options):
-    return resolve_options(num_levels, **{"temperature": 4.0, "expert_strength": 2.0, "level_weights": None,
-                                          "gate_weight": 1.0, "expert_weight": 1.0, "ignore_index": -100,
-                                          **options})
+    return kernel_options(num_levels, **options)
 
 
 @pytest.mark.parametrize("scale", [1 / 7, 3.0])

@@ -20,15 +20,17 @@ import struct
 import subprocess
 import sysconfig
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import IN_CI, requires, skip_or_fail
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels.options import resolve_options
-from moekd_kernels.reference import reference_forward
-from oracle import TOLERANCE, Case, check_backend, float64_oracle, make_case, rel_err
+from oracle import (DEFAULT_OPTIONS, TOLERANCE, Case, check_backend, check_outputs, closed_form_oracle, float64_oracle, make_case,
+                    rel_err, term_scale)
 
 REPO = Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
@@ -250,7 +252,7 @@ def _torch_includes():
     return [*include_paths(), sysconfig.get_paths()["include"]]
 
 
-@pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
+@requires("a C++ compiler", None if CXX is not None else "none on PATH")
 def test_binding_compiles_against_torch_headers():
     cmd = [CXX, "-fsyntax-only", "-std=c++17", "-Wall", f"-I{CSRC}", "-DTORCH_EXTENSION_NAME=moekd_cuda_ext"]
     for inc in _torch_includes():
@@ -280,14 +282,20 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     if CXX is None:
-        pytest.skip("no C++ compiler on PATH: cannot build the host emulation")
+        skip_or_fail("the host emulation", "no C++ compiler on PATH to build it")
     exe = tmp_path_factory.mktemp("emu") / "host_emulation"
     base = [CXX, "-std=c++17", "-O1", "-g", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
             str(CUDA_DIR / "host_emulation.cpp"), "-o", str(exe)]
     sanitized = base[:1] + ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                             "-fno-omit-frame-pointer"] + base[1:]
     proc = subprocess.run(sanitized, capture_output=True, text=True)
-    if proc.returncode != 0:  # no sanitizer runtime here: still run the code, unchecked
+    if proc.returncode != 0:
+        # No sanitizer runtime here. In CI that is a failure (the run would check less
+        # than it claims); elsewhere the code still runs, unchecked, and says so.
+        why = f"the ASan/UBSan build of the host emulation failed: {proc.stderr.strip()[-2000:]}"
+        if IN_CI:
+            pytest.fail(why, pytrace=False)
+        warnings.warn(why + " (running it without sanitizers)")
         proc = subprocess.run(base, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return exe
@@ -345,10 +353,6 @@ def emulate(exe, student, teacher, target, options, *, threads=32, blocks=1, cac
     return stats[0], grad, stats[1], stats[2]
 
 
-DEFAULT_OPTIONS = dict(temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
-                       expert_weight=1.0, ignore_index=-100)
-
-
 def _resolve(num_levels, options):
     return resolve_options(num_levels, **{**DEFAULT_OPTIONS, **options})
 
@@ -357,7 +361,6 @@ def _check_against_oracle(result, case: Case, tol=None, bad_rows=(), grad_scale=
     """result = (loss, grad, log_likelihood, agreement) for case; bad_rows hold
     out-of-range targets and must come out NaN (the oracle sees them as ignored).
     The gradient is expected times grad_scale, the stats unscaled."""
-    tol = TOLERANCE[case.student.dtype] if tol is None else tol
     loss, grad, ll, agreement = result
     oracle_case = case
     if bad_rows:
@@ -371,13 +374,12 @@ def _check_against_oracle(result, case: Case, tol=None, bad_rows=(), grad_scale=
         loss, grad, ll, agreement = loss[keep], grad[keep], ll[keep], agreement[keep]
     exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(oracle_case)
     exp_grad = exp_grad * grad_scale
+    scale = term_scale(oracle_case) * grad_scale
     if bad_rows:
         exp_loss, exp_grad, exp_ll, exp_agree = exp_loss[keep], exp_grad[keep], exp_ll[keep], exp_agree[keep]
-    errs = {"loss": rel_err(loss, exp_loss), "grad": rel_err(grad, exp_grad),
-            "log_likelihood": rel_err(ll, exp_ll), "agreement": rel_err(agreement, exp_agree)}
-    for name, err in errs.items():
-        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} ({case.student.dtype})"
-    return errs
+        scale = scale[keep]
+    return check_outputs("cuda", (loss, grad, ll, agreement), (exp_loss, exp_grad, exp_ll, exp_agree),
+                         case.student.dtype, tol, scale)
 
 
 def _levels(case: Case) -> torch.Tensor:
@@ -560,19 +562,18 @@ def test_emulated_teacher_shared_by_levels(emulator, tmp_path, geometry):
 
 
 def test_emulated_masked_target_gives_inf_loss(emulator, tmp_path):
-    """A −inf student logit at the target: +inf loss, as F.cross_entropy; the closed
-    form (reference in float64) is the oracle here, the literal mixture is 0/0."""
+    """A −inf student logit at the target: +inf loss, as F.cross_entropy; the closed-form
+    float64 oracle is the yardstick here, the literal mixture is 0/0."""
     C = 40
     options = LEVEL_OPTIONS[1]
     case = make_case(3, C, 1, seed=5, ignore_frac=0.0, **options)
     case.student[0, case.target[0]] = -math.inf
     loss, grad, ll, agreement = emulate(emulator, case.student, case.teacher.unsqueeze(0), case.target, options,
                                         tmp_path=tmp_path)
-    ref = reference_forward(case.student.double(), case.teacher.double().unsqueeze(0), case.target,
-                            _resolve(1, options))
+    ref = closed_form_oracle(Case(case.student, case.teacher, case.target, options))
     assert loss[0] == math.inf and ll[0] == -math.inf
-    assert rel_err(loss, ref[0]) <= 1e-5 and rel_err(grad, ref[3]) <= 1e-5
-    assert rel_err(agreement, ref[2]) <= 1e-5
+    assert rel_err(loss, ref[0]) <= 1e-5 and rel_err(grad, ref[1]) <= 1e-5
+    assert rel_err(agreement, ref[3]) <= 1e-5
 
 
 def test_emulated_nan_input_propagates(emulator, tmp_path):
@@ -585,11 +586,9 @@ def test_emulated_nan_input_propagates(emulator, tmp_path):
 
 
 def _reference64(student, teacher, target, options):
-    """(loss, grad, log_likelihood, agreement) of the closed form in float64: the yardstick
-    where the literal mixture underflows (huge logit gaps, masked targets)."""
-    opts = _resolve(teacher.shape[0], options)
-    loss, ll, agreement, grad = reference_forward(student.double(), teacher.double(), target, opts)
-    return loss, grad, ll, agreement
+    """(loss, grad, log_likelihood, agreement) of the closed-form float64 oracle: the
+    yardstick where the literal mixture underflows (huge logit gaps, masked targets)."""
+    return closed_form_oracle(Case(student, teacher, target, options))
 
 
 def _check_rows(result, expected, tol):

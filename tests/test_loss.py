@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from moekd_kernels import MoEKDLoss, MoEKDStats, available_backends, fused_moe_kd_loss
-from oracle import Case, check_backend, make_case, naive_oracle, rel_err
+from oracle import DEFAULT_OPTIONS, Case, check_backend, make_case, naive_oracle, rel_err
 
-SPEC_DEFAULTS = {
-    "temperature": 4.0, "expert_strength": 2.0, "level_weights": None, "gate_weight": 1.0,
-    "expert_weight": 1.0, "ignore_index": -100, "reduction": "mean", "backend": "auto",
-    "return_stats": False,
-}
+SPEC_DEFAULTS = {**DEFAULT_OPTIONS, "reduction": "mean", "backend": "auto", "return_stats": False}
 
 
 def test_signature_and_defaults_match_between_functional_and_module():

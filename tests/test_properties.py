@@ -19,8 +19,16 @@ where κ (per row) is the magnitude of those terms from a first-order error anal
 of the float32 formulas (see ``_scales``). For ordinary inputs the first term
 dominates and this is ``check_backend``'s bound; only near-zero outputs use the second.
 
+Loss and stats owe float32 accuracy for every input dtype (tests/oracle.py,
+STATS_TOLERANCE); gradients are compared element by element (tests/oracle.py,
+``check_gradient``) with 2^-19·κ as the cancellation headroom.
+
 Budgets: the "ci" profile is small and derandomized; MOEKD_HYPOTHESIS_PROFILE=long
 runs many random examples. Triton (interpreter on CPU) gets fewer, smaller examples.
+What the draws reach (``cases``): rows past every block size (the CPU kernel's
+1024-class sum blocks; Triton's multi-block path, forced with 32-value tiles under
+the interpreter), τ = 1 and τ ≠ 1, −inf masks, float64 teachers, 1-3 levels, every
+reduction (``test_reductions_match_float64_oracle``), and a few all-ignored batches.
 """
 
 from __future__ import annotations
@@ -35,16 +43,15 @@ import torch.nn.functional as F
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from _hypothesis import BACKENDS, budget, max_classes, max_rows
+from _hypothesis import BACKENDS, budget, forced_small_blocks, large_classes, max_classes, max_rows
 from moekd_kernels import fused_moe_kd_loss
-from oracle import TOLERANCE, Case, classic_kd, float64_oracle, make_case, rel_err
+from oracle import (DEFAULT_OPTIONS, STATS_TOLERANCE, ULPS, Case, check_gradient, classic_kd,
+                    float64_oracle, make_case, rel_err, ulp)
 
 EPS32 = torch.finfo(torch.float32).eps
 ABS_ULPS = 16
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULTS = {"temperature": 4.0, "expert_strength": 2.0, "level_weights": None,
-            "gate_weight": 1.0, "expert_weight": 1.0, "ignore_index": -100}
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 
@@ -52,6 +59,11 @@ pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 # ---------------------------------------------------------------------------------
 # Running a backend and comparing with float64
 # ---------------------------------------------------------------------------------
+
+@dataclass
+class LongRowCase(Case):
+    small_blocks: bool = False    # run with the backend's blocks forced small (_hypothesis.py)
+
 
 @dataclass
 class Result:
@@ -67,7 +79,7 @@ def _levels(case: Case) -> int:
 
 
 def _opts(case: Case) -> Dict:
-    opts = {**DEFAULTS, **case.options}
+    opts = {**DEFAULT_OPTIONS, **case.options}
     num_levels = _levels(case)
     for key in ("temperature", "expert_strength"):
         if not isinstance(opts[key], (list, tuple)):
@@ -78,8 +90,9 @@ def _opts(case: Case) -> Dict:
 def run(backend: str, case: Case, grad_out: Optional[torch.Tensor] = None) -> Result:
     """The public API with reduction="none"; backward with per-row ``grad_out`` (default 1)."""
     student = case.student.detach().clone().requires_grad_(True)
-    loss, stats = fused_moe_kd_loss(student, case.teacher, case.target, reduction="none",
-                                    backend=backend, return_stats=True, **case.options)
+    with forced_small_blocks(backend, getattr(case, "small_blocks", False)):
+        loss, stats = fused_moe_kd_loss(student, case.teacher, case.target, reduction="none",
+                                        backend=backend, return_stats=True, **case.options)
     assert loss.dtype == torch.float32 and stats.agreement.dtype == torch.float32
     assert loss.shape == case.target.shape
     if grad_out is None:
@@ -139,9 +152,31 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, kappa:
     return abs_err / bound if bound > 0 else 0.0
 
 
+def grad_headroom(kappa_grad: torch.Tensor) -> torch.Tensor:
+    """The per-row scale handed to ``check_gradient``: 2^-20 of it is ABS_ULPS·eps₃₂·κ."""
+    return kappa_grad * (ABS_ULPS * EPS32 * 2.0 ** 20)
+
+
+def assert_grads_agree(name: str, actual: torch.Tensor, expected: torch.Tensor, kappa_grad: torch.Tensor) -> None:
+    """Two gradients of the same problem in the same dtype (metamorphic tests), element by
+    element: each is within 1 ulp (16-bit) or 1e-5 relative (float32) of the exact value,
+    so they differ by at most twice that, plus 2·2^-19·κ where the row cancels."""
+    a = actual.detach().double().reshape(-1, actual.shape[-1])
+    b = expected.detach().double().reshape(a.shape)
+    dtype = actual.dtype
+    assert torch.equal(a.isfinite(), b.isfinite()) and torch.equal(a.isnan(), b.isnan()), f"{name}: non-finite"
+    a, b = torch.where(a.isfinite(), a, 0.0), torch.where(b.isfinite(), b, 0.0)
+    unit = 2 * ULPS[dtype] * ulp(b, dtype) if dtype in ULPS else 2e-5 * b.abs()
+    row = torch.maximum(b.abs().amax(-1, keepdim=True), kappa_grad.double().reshape(-1, 1)) if a.numel() else 0
+    bound = unit + 2 * ABS_ULPS * EPS32 * row
+    bad = (a - b).abs() > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {a.numel()} elements differ beyond the bound; "
+                           f"e.g. {a[bad][:3].tolist()} vs {b[bad][:3].tolist()}")
+
+
 def check_against_oracle(backend: str, case: Case, seed: int = 0) -> Result:
     """Backend vs float64 oracle under the error model above, plus exact invariants."""
-    tol = TOLERANCE[case.student.dtype]
+    tol = STATS_TOLERANCE[case.student.dtype]
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.rand(case.target.shape, generator=g, dtype=torch.float64) + 0.5
     got = run(backend, case, grad_out)
@@ -151,7 +186,9 @@ def check_against_oracle(backend: str, case: Case, seed: int = 0) -> Result:
     valid = case.target.reshape(-1) != _opts(case)["ignore_index"]
     kappa = {k: torch.where(valid, v, 0.0) for k, v in kappa.items()}
     assert_close("loss", got.loss, exp_loss, kappa["loss"], tol)
-    assert_close("grad", got.grad, exp_grad * grad_out[:, None], kappa["grad"] * grad_out, tol)
+    # grad_out reaches autograd as float32 (the loss dtype) and scales the stored gradient.
+    grad_out = grad_out.float()
+    check_gradient("grad", got.raw_grad, exp_grad, grad_headroom(kappa["grad"] * grad_out.double()), grad_out)
     assert_close("log_likelihood", got.log_likelihood, exp_ll, kappa["stats"], tol)
     assert_close("agreement", got.agreement, exp_agree, kappa["stats"], tol)
     check_exact_invariants(case, got)
@@ -186,9 +223,9 @@ term_weights = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(1e-3, 2.0))
 
 
 @st.composite
-def options(draw, num_levels: int, *, beta=None) -> Dict:
+def options(draw, num_levels: int, *, beta=None, tau_one: bool = False) -> Dict:
     opts = {
-        "temperature": _per_level(draw, temperatures, num_levels),
+        "temperature": 1.0 if tau_one else _per_level(draw, temperatures, num_levels),
         "expert_strength": beta if beta is not None else _per_level(draw, strengths, num_levels),
         "gate_weight": draw(term_weights),
         "expert_weight": draw(term_weights),
@@ -205,16 +242,33 @@ def options(draw, num_levels: int, *, beta=None) -> Dict:
 
 @st.composite
 def cases(draw, backend: str, *, dtypes=ALL_DTYPES, max_levels: int = 3, beta=None,
-          min_classes: int = 1, ignore: bool = True) -> Case:
-    """A random problem: shapes within the backend's limits, logits of random scale."""
-    num_rows = draw(st.integers(1, max_rows(backend)))
-    num_classes = draw(st.integers(min_classes, max_classes(backend)))
+          min_classes: int = 1, ignore: bool = True, long_rows: Optional[bool] = None,
+          masks: bool = True) -> Case:
+    """A random problem: shapes within the backend's limits, logits of random scale.
+
+    ``long_rows`` (drawn for one case in five when None): a few rows past every block
+    size of the backend (_hypothesis.large_classes), half of them at τ = 1 on every level
+    (the multi-block rescale is the identity there: a path of its own in the kernels).
+    ``masks``: −inf at random classes of the teacher, or of teacher and student alike
+    (never the label's), in some cases.
+    """
+    if long_rows is None:
+        long_rows = draw(st.sampled_from([False, False, False, False, True]))
+    if long_rows:
+        num_rows = draw(st.integers(1, 3))
+        num_classes = draw(st.integers(*large_classes(backend)))
+    else:
+        num_rows = draw(st.integers(1, max_rows(backend)))
+        num_classes = draw(st.integers(min_classes, max_classes(backend)))
     num_levels = draw(st.integers(1, max_levels))
     dtype = draw(st.sampled_from(dtypes))
-    teacher_dtype = draw(st.sampled_from([dtype, dtype, torch.float32, torch.bfloat16]))
-    opts = draw(options(num_levels, beta=beta))
+    teacher_dtype = draw(st.sampled_from([dtype, dtype, torch.float32, torch.bfloat16, torch.float64]))
+    opts = draw(options(num_levels, beta=beta, tau_one=long_rows and draw(st.booleans())))
     seed = draw(st.integers(0, 2 ** 31 - 1))
-    ignore_frac = draw(st.sampled_from([0.0, 0.3, 1.0])) if ignore else 0.0
+    # All-ignored batches are an edge case, not the rule: one draw in ten (none for the
+    # few rows of a long-row case, which are there to be computed).
+    fractions = [0.0, 0.3] if long_rows else [0.0, 0.0, 0.3, 0.3, 0.3, 0.3, 0.3, 0.6, 0.6, 1.0]
+    ignore_frac = draw(st.sampled_from(fractions)) if ignore else 0.0
     lead_shape = (num_rows,)
     if num_rows % 2 == 0 and draw(st.booleans()):
         lead_shape = (2, num_rows // 2)          # (B, T, C) inputs are flattened by the API
@@ -227,11 +281,21 @@ def cases(draw, backend: str, *, dtypes=ALL_DTYPES, max_levels: int = 3, beta=No
     student, teacher = case.student.float() * s_scale, case.teacher.float() * t_scale
     if draw(st.booleans()):
         student, teacher = student.round(), teacher.round()
-    case.student, case.teacher = student.to(dtype), teacher.to(teacher_dtype)
+    mask_mode = draw(st.sampled_from(["none", "none", "teacher", "both"])) if masks else "none"
+    if mask_mode != "none" and num_classes > 1:
+        g = torch.Generator().manual_seed(seed + 1)
+        masked = torch.rand(student.shape, generator=g) < draw(st.sampled_from([0.1, 0.5, 0.9]))
+        label = case.target.long().clamp(0, num_classes - 1)
+        masked = masked.scatter(-1, label[..., None], False)     # the label keeps probability
+        teacher = teacher.masked_fill(masked, -math.inf)
+        if mask_mode == "both":
+            student = student.masked_fill(masked, -math.inf)
+    case = LongRowCase(student.to(dtype), teacher.to(teacher_dtype), case.target, case.options,
+                       small_blocks=long_rows)
     if draw(st.booleans()):
         case.target = case.target.int()
     note(f"N={num_rows} C={num_classes} L={num_levels} {dtype} teacher {teacher_dtype} "
-         f"lead={lead_shape} scales={s_scale},{t_scale} options={opts}")
+         f"lead={lead_shape} scales={s_scale},{t_scale} masks={mask_mode} long={long_rows} options={opts}")
     return case
 
 
@@ -244,6 +308,46 @@ def test_matches_float64_oracle(backend):
     @given(case=cases(backend), seed=st.integers(0, 1000))
     def prop(case, seed):
         check_against_oracle(backend, case, seed)
+
+    prop()
+
+
+def test_long_rows_match_float64_oracle(backend):
+    """Rows past every block size, at τ = 1 and τ ≠ 1 (see ``cases``)."""
+    @budget(backend, 1.0)
+    @given(case=cases(backend, long_rows=True), seed=st.integers(0, 1000))
+    def prop(case, seed):
+        check_against_oracle(backend, case, seed)
+
+    prop()
+
+
+def test_reductions_match_float64_oracle(backend):
+    """"mean" divides by the non-ignored rows (0 rows: loss 0, zero gradient), "sum" adds."""
+    @budget(backend, 0.5)
+    @given(case=cases(backend), reduction=st.sampled_from(["mean", "sum", "none"]),
+           scale=st.sampled_from([1.0, 0.375]))
+    def prop(case, reduction, scale):
+        student = case.student.detach().clone().requires_grad_(True)
+        with forced_small_blocks(backend, case.small_blocks):
+            loss = fused_moe_kd_loss(student, case.teacher, case.target, reduction=reduction,
+                                     backend=backend, **case.options)
+        (scale * loss).sum().backward()
+        exp_loss, exp_grad, _, _ = float64_oracle(case)
+        valid = case.target.reshape(-1).long() != _opts(case)["ignore_index"]
+        divisor = max(int(valid.sum()), 1) if reduction == "mean" else 1
+        kappa = {k: torch.where(valid, v, 0.0) for k, v in _scales(case).items()}
+        if reduction == "none":
+            assert_close("loss", loss.detach().double().reshape(-1), exp_loss, kappa["loss"],
+                         STATS_TOLERANCE[case.student.dtype])
+        else:
+            assert loss.shape == () and loss.dtype == torch.float32
+            assert_close("loss", loss.detach().double().reshape(1), exp_loss.sum().reshape(1) / divisor,
+                         kappa["loss"].sum().reshape(1) / divisor, STATS_TOLERANCE[case.student.dtype])
+        # "mean" folds 1/divisor into the kernel; the factor scale is applied to the stored gradient.
+        check_gradient("grad", student.grad, exp_grad / divisor, grad_headroom(kappa["grad"] * (scale / divisor)),
+                       torch.full((exp_grad.shape[0],), scale))
+        assert (student.grad.reshape(exp_grad.shape)[~valid] == 0).all()
 
     prop()
 
@@ -319,10 +423,10 @@ def test_shift_invariance(backend):
 
         want = run(backend, base)
         got = run(backend, shifted)
-        tol = TOLERANCE[dtype]
+        tol = STATS_TOLERANCE[dtype]
         kappa = {k: a + b for (k, a), b in zip(_scales(shifted).items(), _scales(base).values())}
         assert_close("loss", got.loss, want.loss, kappa["loss"], 2 * tol)
-        assert_close("grad", got.grad, want.grad, kappa["grad"], 2 * tol)
+        assert_grads_agree("grad", got.raw_grad, want.raw_grad, kappa["grad"])
         assert_close("log_likelihood", got.log_likelihood, want.log_likelihood, kappa["stats"], 2 * tol)
         assert_close("agreement", got.agreement, want.agreement, kappa["stats"], 2 * tol)
         check_exact_invariants(shifted, got)
@@ -351,10 +455,11 @@ def test_class_permutation_equivariance(backend):
         permuted = Case(case.student[..., perm], case.teacher[..., perm], target, case.options)
         want = run(backend, case)
         got = run(backend, permuted)
-        tol = TOLERANCE[case.student.dtype]
+        tol = STATS_TOLERANCE[case.student.dtype]
         kappa = _scales(case)
         assert_close("loss", got.loss, want.loss, kappa["loss"], 2 * tol)
-        assert_close("grad", got.grad, want.grad[:, perm], kappa["grad"], 2 * tol)
+        assert_grads_agree("grad", got.raw_grad.reshape(-1, num_classes),
+                           want.raw_grad.reshape(-1, num_classes)[:, perm], kappa["grad"])
         assert_close("log_likelihood", got.log_likelihood, want.log_likelihood, kappa["stats"], 2 * tol)
         assert_close("agreement", got.agreement, want.agreement, kappa["stats"], 2 * tol)
 
@@ -366,7 +471,7 @@ def test_beta_zero_is_classic_kd(backend):
     constant λ_g Σ_ℓ w_ℓ τ_ℓ² H(π_ℓ), and the gradients are equal."""
 
     @budget(backend)
-    @given(case=cases(backend, beta=0.0))
+    @given(case=cases(backend, beta=0.0, masks=False))
     def prop(case):
         opts = _opts(case)
         levels = _levels(case)
@@ -396,11 +501,11 @@ def test_beta_zero_is_classic_kd(backend):
         log_sigma_y = F.log_softmax(s.detach(), -1).gather(1, safe_y[:, None]).squeeze(1)
 
         got = run(backend, case)
-        tol = TOLERANCE[case.student.dtype]
+        tol = STATS_TOLERANCE[case.student.dtype]
         kappa = _scales(case)
         kappa = {k: torch.where(valid, v, 0.0) for k, v in kappa.items()}
         assert_close("loss", got.loss, expected, kappa["loss"], tol)
-        assert_close("grad", got.grad, kd_grad, kappa["grad"], tol)
+        check_gradient("grad", got.raw_grad, kd_grad, grad_headroom(kappa["grad"]))
         # G = Σ_ℓ w_ℓ = 1, so m = log σ_y; and a = Σ_ℓ w_ℓ π_ℓy.
         assert_close("log_likelihood", got.log_likelihood, torch.where(valid, log_sigma_y, 0.0),
                      kappa["stats"], tol)
@@ -438,13 +543,14 @@ def test_rows_do_not_depend_on_the_batch(backend):
         row = data.draw(st.integers(0, num_rows - 1), "row")
         alone = run(backend, Case(s[row:row + 1], t[:, row:row + 1] if levels > 1 else t[0, row:row + 1],
                                   y[row:row + 1], case.options))
-        tol = TOLERANCE[case.student.dtype]
+        tol = STATS_TOLERANCE[case.student.dtype]
         kappa = _scales(case)
         pairs = [("batch vs shuffled", whole, mixed, position, slice(None)),
                  ("batch vs alone", whole, alone, torch.tensor([0]), slice(row, row + 1))]
         for label, a, b, index, rows in pairs:
             assert_close(f"{label} loss", b.loss[index], a.loss[rows], kappa["loss"][rows], tol)
-            assert_close(f"{label} grad", b.grad[index], a.grad[rows], kappa["grad"][rows], tol)
+            assert_grads_agree(f"{label} grad", b.raw_grad.reshape(-1, num_classes)[index],
+                               a.raw_grad.reshape(-1, num_classes)[rows], kappa["grad"][rows])
             assert_close(f"{label} log_likelihood", b.log_likelihood[index], a.log_likelihood[rows],
                          kappa["stats"][rows], tol)
             assert_close(f"{label} agreement", b.agreement[index], a.agreement[rows],

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels.options import flatten_inputs, resolve_options
 from moekd_kernels.reference import reference_forward, reference_loss_autograd
-from oracle import Case, check_backend, classic_kd, make_case, naive_oracle, rel_err
+from oracle import DEFAULT_OPTIONS, Case, check_backend, classic_kd, make_case, naive_oracle, rel_err
 
 
 def random_options(rng: random.Random, num_levels: int) -> dict:
@@ -68,8 +68,7 @@ def test_closed_form_equals_autograd_equals_oracle(seed):
 
 
 def _opts(case: Case, num_levels: int):
-    o = {"temperature": 4.0, "expert_strength": 2.0, "level_weights": None, "gate_weight": 1.0,
-         "expert_weight": 1.0, "ignore_index": -100, **case.options}
+    o = {**DEFAULT_OPTIONS, **case.options}
     return resolve_options(num_levels, **o)
 
 

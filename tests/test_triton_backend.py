@@ -11,18 +11,18 @@ import os
 import pytest
 import torch
 
+from conftest import requires
 from moekd_kernels import fused_moe_kd_loss
 from moekd_kernels import triton_backend
 from moekd_kernels.backends import BACKENDS, resolve_backend
-from moekd_kernels.options import resolve_options
-from oracle import Case, check_backend, classic_kd, float64_oracle, make_case, rel_err
+from oracle import (Case, check_backend, check_gradient, check_outputs, classic_kd, float64_oracle, kernel_options,
+                    make_case, rel_err, term_scale)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = BACKENDS["triton"].unavailable_reason(DEVICE)
 # Only a missing Triton skips. With Triton installed (CI installs it), a broken
 # TRITON_INTERPRET setup must fail, and test_interpreter_is_effective says why.
-pytestmark = pytest.mark.skipif(triton_backend._IMPORT_ERROR is not None,
-                                reason=f"backend 'triton': {_REASON}")
+pytestmark = requires("backend 'triton'", _REASON if triton_backend._IMPORT_ERROR is not None else None)
 
 # The largest single-block row for L = 1: BLOCK + 1 classes take the multi-block path.
 BLOCK = triton_backend.TILES[DEVICE].single
@@ -30,20 +30,16 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _opts(num_levels, **options):
-    defaults = dict(temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
-                    expert_weight=1.0, ignore_index=-100)
-    return resolve_options(num_levels, **{**defaults, **options})
+    return kernel_options(num_levels, **options)
 
 
-def _check_rows(out, case, tol):
-    """Backend-level outputs (loss, ll, agreement, grad) against the float64 oracle."""
+def _check_rows(out, case, tol=None):
+    """Backend-level outputs (loss, ll, agreement, grad) against the float64 oracle, by the
+    shared conformance check (``tol``, if given, bounds loss and stats)."""
     loss, ll, agreement, grad = out
     exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(case)
-    errs = {"loss": rel_err(loss, exp_loss), "grad": rel_err(grad, exp_grad),
-            "log_likelihood": rel_err(ll, exp_ll), "agreement": rel_err(agreement, exp_agree)}
-    for name, err in errs.items():
-        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g}"
-    return errs
+    return check_outputs("triton", (loss, grad, ll, agreement), (exp_loss, exp_grad, exp_ll, exp_agree),
+                         case.student.dtype, tol, term_scale(case))
 
 
 @pytest.fixture
@@ -385,10 +381,10 @@ def test_grad_scale_multiplies_the_gradient_in_float32(dtype):
     scaled = triton_backend.forward(case.student, teacher, case.target, opts, factor)
     for a, b in zip(plain[:3], scaled[:3]):
         assert torch.equal(a, b)
-    expected = _check_rows(plain, case, 3e-2 if dtype == torch.bfloat16 else 1e-5)
-    assert expected is not None
-    ref = triton_backend.forward(case.student.float(), teacher.float(), case.target, opts)[3]
-    torch.testing.assert_close(scaled[3].float(), (ref * factor).to(dtype).float(), rtol=2.0 ** -7, atol=1e-12)
+    _check_rows(plain, case)
+    # The scaled gradient is the float64 one times the factor, rounded once to the dtype.
+    exp_grad = float64_oracle(case)[1] * float(factor)
+    check_gradient("scaled grad", scaled[3], exp_grad, term_scale(case) * float(factor))
     assert (scaled[3][case.target == -100] == 0).all()
 
 
