@@ -91,8 +91,8 @@ MUTANTS: Tuple[Mutant, ...] = (
                       "float32 rounding of the outputs; for large β there is no cancellation"),
     # ---- the glue (moekd_kernels/ops.py) ----
     Mutant("mean-divides-by-nonnegative-targets", "moekd_kernels/ops.py",
-           "num_valid = (target != ignore_index).sum().clamp_min(1)",
-           "num_valid = (target >= 0).sum().clamp_min(1)", "reductions"),
+           "divisor = (target != ignore_index).sum().clamp_min(1)",
+           "divisor = (target >= 0).sum().clamp_min(1)", "reductions"),
     # ---- the reference (moekd_kernels/reference.py) ----
     Mutant("reference-drops-tau-squared", "moekd_kernels/reference.py",
            "gate_ce = gate_ce + tau * tau * _xlogy_safe(r_l, log_q).sum(1)",
@@ -114,12 +114,13 @@ MUTANTS: Tuple[Mutant, ...] = (
            "a.s_sum = a.s_sum * rescale(a.s_max, M, kLog2e) + b.s_sum * rescale(b.s_max, M, kLog2e);",
            "a.s_sum = a.s_sum + b.s_sum * rescale(b.s_max, M, kLog2e);", "cuda-emulation"),
     Mutant("cuda-pass2-merge-drops-a-log-D-sum", "csrc/cuda/moekd_row.h",
-           "a.u_log_D += b.u_log_D;", "a.u_log_D = b.u_log_D;", "cuda-emulation"),
+           "a.u_log_D_rest += b.u_log_D_rest;", "a.u_log_D_rest = b.u_log_D_rest;", "cuda-emulation"),
     Mutant("cuda-pass3-gate-sign", "csrc/cuda/moekd_row.h",
            "c.gate_tau * (c.R * q - r);", "c.gate_tau * (c.R * q + r);", "cuda-emulation"),
-    Mutant("cuda-finalize-drops-a-tau", "csrc/cuda/moekd_row.h",
-           "gate_ce += p.tau[l] * p.tau[l] * sums.u_log_q[l] * res.inv_G;",
-           "gate_ce += p.tau[l] * sums.u_log_q[l] * res.inv_G;", "cuda-emulation"),
+    # The loss of a row, shared by the C++ and CUDA kernels (csrc/common/moekd_math.h).
+    Mutant("row-loss-drops-a-tau", "csrc/common/moekd_math.h",
+           "gate -= static_cast<double>(p.tau[l]) * p.tau[l] * s.u_log_q[l];",
+           "gate -= static_cast<double>(p.tau[l]) * s.u_log_q[l];", "cuda-emulation"),
 )
 
 
