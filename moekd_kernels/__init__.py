@@ -5,11 +5,14 @@
 
 from .backends import available_backends, backend_names, describe_auto
 from .loss import MoEKDLoss, MoEKDStats, fused_moe_kd_loss
+from .fused_linear import FusedLinearMoEKDLoss, fused_linear_moe_kd_loss
 
 __all__ = [
     "fused_moe_kd_loss",
     "MoEKDLoss",
     "MoEKDStats",
+    "fused_linear_moe_kd_loss",
+    "FusedLinearMoEKDLoss",
     "available_backends",
     "backend_names",
     "describe_auto",
