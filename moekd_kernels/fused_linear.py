@@ -375,6 +375,12 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _gh, _gw, _gb):
     nothing = (None,) * _NUM_OP_INPUTS
     if grad_loss is None:
         return nothing
+    if torch.is_grad_enabled() and not _compiling():
+        # The saved gradients are constants: a graph through them would silently
+        # drop the loss's second-order term.
+        raise RuntimeError(
+            "fused_linear_moe_kd_loss does not support double backward (create_graph=True): "
+            "its gradient is computed in the forward pass and has no graph of its own")
     if ctx.per_row:
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
          target) = ctx.saved_tensors

@@ -335,6 +335,17 @@ def test_compiled_fullgraph_equals_eager(reduction):
         assert torch.allclose(eager, compiled, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises_instead_of_dropping_the_second_order_term(reduction):
+    inputs = make_inputs(bias=True, seed=18)
+    hidden = inputs["student_hidden"].detach().requires_grad_(True)
+    loss = fused_linear_moe_kd_loss(hidden, inputs["student_weight"], inputs["teacher_hidden"],
+                                    inputs["teacher_weight"], inputs["target"], reduction=reduction,
+                                    backend="reference")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss.sum(), hidden, create_graph=True)
+
+
 def test_auto_chunk_size_follows_the_budget():
     # 256 MiB / (V · (2·4 + 1·4) bytes) rows, down to a multiple of 64.
     assert auto_chunk_size(100_000, 32768, torch.float32, torch.float32, 1, "cpu") == 640
