@@ -18,7 +18,7 @@ formed. The script reports held-out perplexity of every model, and the peak extr
 memory of one loss step (forward and backward from the hidden states) on the fused-linear
 path against the materialised-logits path (``h @ W.T`` then ``fused_moe_kd_loss``).
 
-    python python/lm_distillation.py            # vocabulary 16k, a few minutes of CPU
+    python python/lm_distillation.py --threads 1   # vocabulary 16k, ~10-20 min on a busy 2-core CPU
     python python/lm_distillation.py --tiny     # what the test runs (vocabulary 1k, seconds)
 """
 
@@ -61,12 +61,12 @@ class Settings(NamedTuple):
     chunk_size: int
 
 
-FULL = Settings(vocab_size=16384, max_chars=6_000_000, seq_len=128, batch_size=8,
-                teacher=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+FULL = Settings(vocab_size=16384, max_chars=4_000_000, seq_len=128, batch_size=8,
+                teacher=dict(hidden_size=192, intermediate_size=512, num_hidden_layers=3,
                              num_attention_heads=4),
-                student=dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                student=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                              num_attention_heads=4),
-                teacher_steps=400, student_steps=300, lr=1e-3, eval_batches=40, memory_batch=32,
+                teacher_steps=300, student_steps=200, lr=2e-3, eval_batches=40, memory_batch=32,
                 chunk_size=256)
 TINY = Settings(vocab_size=1024, max_chars=200_000, seq_len=32, batch_size=8,
                 teacher=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
