@@ -67,10 +67,14 @@ _CHUNK_ALIGN = 64
 _TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def auto_chunk_size(num_rows: int, vocab_size: int, student_dtype: torch.dtype,
+def auto_chunk_size(num_rows: Optional[int], vocab_size: int, student_dtype: torch.dtype,
                     teacher_dtype: torch.dtype, teacher_heads: int, device_type: str,
                     budget_bytes: Optional[int] = None) -> int:
-    """Rows per chunk from the memory budget (the formula in the module docstring)."""
+    """Rows per chunk from the memory budget (the formula in the module docstring).
+
+    ``num_rows=None`` leaves out the clamp to the row count, which the op applies to
+    the non-ignored rows anyway (and which would make a compiled graph depend on N).
+    """
     budget = CHUNK_BUDGET_BYTES.get(device_type, _DEFAULT_BUDGET) if budget_bytes is None else budget_bytes
     b_s = torch.empty((), dtype=student_dtype).element_size()
     b_t = torch.empty((), dtype=teacher_dtype).element_size()
@@ -78,7 +82,9 @@ def auto_chunk_size(num_rows: int, vocab_size: int, student_dtype: torch.dtype,
     rows = budget // bytes_per_row
     if rows >= _CHUNK_ALIGN:
         rows -= rows % _CHUNK_ALIGN
-    return int(max(1, min(rows, max(num_rows, 1))))
+    if num_rows is not None:
+        rows = min(rows, max(num_rows, 1))
+    return int(max(1, rows))
 
 
 # --------------------------------------------------------------------------- the chunk loop
@@ -605,8 +611,7 @@ def fused_linear_moe_kd_loss(
     check_target_values(target_1d, vocab_size, opts.ignore_index)
     chosen = resolve_backend(backend, device, s_weight.dtype, opts.num_levels)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(target_1d.numel(), vocab_size, s_weight.dtype, t_weight.dtype,
-                                     heads, device.type)
+        chunk_size = auto_chunk_size(None, vocab_size, s_weight.dtype, t_weight.dtype, heads, device.type)
 
     grad_on = torch.is_grad_enabled()
     need_hidden = grad_on and s_hidden.requires_grad

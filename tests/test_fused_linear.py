@@ -9,8 +9,6 @@ and bias. So every case checks the chunk loop, the GEMMs and the reductions toge
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
