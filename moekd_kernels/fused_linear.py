@@ -24,7 +24,7 @@ The whole computation is one registered op (``moekd_kernels::fused_linear_moe_kd
 with a fake implementation, so ``torch.compile(fullgraph=True)`` keeps it in one graph.
 
 Chunk size (``chunk_size=None``): the largest number of rows whose logits buffers fit the
-memory budget ``B`` (256 MiB on CPU, 1 GiB on CUDA, ``CHUNK_BUDGET_BYTES``)::
+memory budget ``B`` (128 MiB on CPU, 1 GiB on CUDA, ``CHUNK_BUDGET_BYTES``)::
 
     bytes_per_row = V · (2·b_s + L_h·b_t)
     chunk_size    = B // bytes_per_row, rounded down to a multiple of 64 when ≥ 64,
@@ -61,8 +61,8 @@ from .options import (
 from .reference import accumulation_dtype
 
 # Budget for one chunk's logits buffers, by device type (see the module docstring).
-CHUNK_BUDGET_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
-_DEFAULT_BUDGET = 256 << 20
+CHUNK_BUDGET_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
+_DEFAULT_BUDGET = 128 << 20
 _CHUNK_ALIGN = 64
 _TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -90,6 +90,10 @@ def auto_chunk_size(num_rows: Optional[int], vocab_size: int, student_dtype: tor
 # --------------------------------------------------------------------------- the chunk loop
 
 
+# Rows of the weight gradient per low-precision GEMM on the CPU (see _accumulate_mm).
+_ACC_BLOCK_ROWS = 8192
+
+
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc (float32/64) += a @ b, with a and b in the weights' dtype."""
     if a.dtype == acc.dtype:
@@ -102,8 +106,10 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
         except (RuntimeError, TypeError):
             pass
     # The GEMM accumulates in float32 inside; its result is rounded once per chunk
-    # before the float32 sum over chunks.
-    acc.add_(torch.mm(a, b))
+    # before the float32 sum over chunks. In row blocks, so that the low-precision
+    # product is never a second V×H buffer beside the accumulator.
+    for start in range(0, a.shape[0], _ACC_BLOCK_ROWS):
+        acc[start:start + _ACC_BLOCK_ROWS].add_(torch.mm(a[start:start + _ACC_BLOCK_ROWS], b))
 
 
 def _run_chunks(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],

@@ -345,10 +345,12 @@ def test_double_backward_raises_instead_of_dropping_the_second_order_term(reduct
 
 
 def test_auto_chunk_size_follows_the_budget():
-    # 256 MiB / (V · (2·4 + 1·4) bytes) rows, down to a multiple of 64.
-    assert auto_chunk_size(100_000, 32768, torch.float32, torch.float32, 1, "cpu") == 640
-    # bf16 student, fp32 teacher at 2 heads: 256 MiB / (65536 · (2·2 + 2·4)) = 341 → 320.
-    assert auto_chunk_size(100_000, 65536, torch.bfloat16, torch.float32, 2, "cpu") == 320
+    # CPU: 128 MiB / (V · (2·4 + 1·4) bytes) rows, down to a multiple of 64.
+    assert auto_chunk_size(100_000, 32768, torch.float32, torch.float32, 1, "cpu") == 320
+    # bf16 student, fp32 teacher at 2 heads: 128 MiB / (65536 · (2·2 + 2·4)) = 170 → 128.
+    assert auto_chunk_size(100_000, 65536, torch.bfloat16, torch.float32, 2, "cpu") == 128
+    # CUDA: 1 GiB / (131072 · (2·2 + 2)) = 1365 → 1344.
+    assert auto_chunk_size(None, 131072, torch.bfloat16, torch.bfloat16, 1, "cuda") == 1344
     assert auto_chunk_size(100, 32768, torch.float32, torch.float32, 1, "cpu") == 100
     assert auto_chunk_size(10, 1 << 27, torch.float32, torch.float32, 1, "cpu") == 1
 
