@@ -49,6 +49,7 @@ setup(
             "matplotlib",
             "transformers",
             "accelerate>=1.1.0",  # transformers.Trainer needs it
+            "trl>=1.16",  # python/trl_gkd_distillation.py: GKD under trl.experimental
             "triton>=3.0",
         ],
     },

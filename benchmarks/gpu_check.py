@@ -15,12 +15,12 @@ Sections, each case guarded so that one failure is logged and the rest still run
 4. a breakdown of one fused step: forward alone, forward + backward (grad_output 1,
    when backward has nothing to scale, and 2), and backward's scaling pass alone (this
    package's kernel against PyTorch's ``mul_``);
-5. with ``--sweep``, before the timing: a sweep of the launch table of every backend module
-   that has a ``launch_config(num_classes, num_levels, device_type) -> tuple`` function, which
-   its ``forward`` looks up as a module global (the sweep replaces it, one forced config at
-   a time, and checks each config's loss and gradient against the default's). Candidates:
-   the module's ``SWEEP_SPACE`` (tuples, or prefixes of them). A backend whose winner is
-   not its default is then also timed with the winner, as "<backend>*";
+5. with ``--sweep``, before the timing: a sweep of the launch settings of the backends in
+   ``SWEEP_SPACES`` (below), one forced config at a time, each checked against the default's
+   loss and gradient: Triton's ``launch_config(num_classes, num_levels, device_type)``, which
+   its ``forward`` looks up as a module global (replaced meanwhile), and the CUDA backend's
+   ``FORCE_PATH``/``PREFETCH`` (set meanwhile). A backend whose winner is not its default is
+   then also timed with the winner, as "<backend>*";
 6. fwd+bwd timing with CUDA events at N=16384, C ∈ {4096, 32768, 131072, 262144}, bf16
    and fp32: the backends against eager_moekd, compiled_moekd, eager_classic_kd and Liger's
    classic KD when ``liger_kernel`` imports; GB/s, % of copy bandwidth, peak memory.
@@ -49,6 +49,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Relative-error bounds against float64 (the test suite's, tests/oracle.py).
 TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 3e-2}
+# Candidates for --sweep, per backend (tuples, or prefixes of the default's tuple).
+# triton (block, num_warps): the blocks and warps around the launch table's choices.
+# cuda (path, prefetch): each row mapping, with and without the prefetch; a forced
+# path that cannot run a shape raises (the sweep logs it).
+SWEEP_SPACES = {
+    "triton": [(1024, 4), (1024, 8), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 16)],
+    "cuda": [("auto", 1), ("auto", 0), ("cluster", 1), ("cluster", 0), ("block", 1), ("block", 0),
+             ("stream", 0)],
+}
+# The module attributes a cuda config sets, in order.
+_CUDA_KNOBS = ("FORCE_PATH", "PREFETCH")
 # The options used by correctness cases with several levels: unequal everything.
 LEVEL3_OPTIONS = {"temperature": [1.0, 2.0, 4.0], "expert_strength": [0.5, 2.0, 8.0],
                   "level_weights": [1.0, 2.0, 3.0], "gate_weight": 0.7, "expert_weight": 1.3}
@@ -297,14 +308,26 @@ def timing_plan(args, B):
     return plan
 
 
+def _sweepable(backend, module) -> bool:
+    return backend in SWEEP_SPACES and (callable(getattr(module, "launch_config", None))
+                                        or all(hasattr(module, k) for k in _CUDA_KNOBS))
+
+
+def default_config(module, shape, device_type) -> tuple:
+    """The launch settings the backend module picks for this shape."""
+    if callable(getattr(module, "launch_config", None)):
+        return tuple(module.launch_config(shape.classes, shape.levels, device_type))
+    return tuple(getattr(module, k) for k in _CUDA_KNOBS)
+
+
 def _launch_config_note(device_type, backend, shape):
-    """The launch table's choice for this shape, when the backend module exposes one."""
+    """The launch settings for this shape, when the backend has any to sweep."""
     try:
         from moekd_kernels.backends import BACKENDS
 
         module = BACKENDS[backend].load()
-        if hasattr(module, "launch_config"):
-            return f"config {module.launch_config(shape.classes, shape.levels, device_type)}"
+        if _sweepable(backend, module):
+            return f"config {default_config(module, shape, device_type)}"
     except Exception:  # noqa: BLE001 - a note only
         pass
     return ""
@@ -352,9 +375,9 @@ def section_timing(rep, torch, B, device, backends, args, copy_gbps, winners=Non
         for impl in impls:
             runs.append((impl, None))
             module = BACKENDS[impl.name].load() if impl.is_backend and winners else None
-            if callable(getattr(module, "launch_config", None)):
+            if module is not None and _sweepable(impl.name, module):
                 tuned = swept_config(winners, impl.name, shape)
-                default = tuple(module.launch_config(shape.classes, shape.levels, device.type))
+                default = default_config(module, shape, device.type)
                 if tuned is not None and tuple(tuned) != default:
                     runs.append((B.Impl(impl.name + "*", impl.loss_fn, True), (module, tuned)))
         for impl, forced in runs:
@@ -482,14 +505,21 @@ def section_breakdown(rep, torch, B, device, backends, args):
 
 @contextlib.contextmanager
 def forced_launch_config(module, config):
-    """The backend module's ``launch_config`` returns ``config`` for every shape meanwhile
-    (its ``forward`` looks the function up as a module global on each call)."""
-    original = module.launch_config
-    module.launch_config = lambda num_classes, num_levels, device_type: tuple(config)
+    """The backend module launches with ``config`` for every shape meanwhile: its
+    ``launch_config`` returns it (``forward`` looks the function up as a module global on
+    each call), or, for the cuda backend, its FORCE_PATH and PREFETCH hold it."""
+    if callable(getattr(module, "launch_config", None)):
+        names, values = ("launch_config",), (lambda num_classes, num_levels, device_type: tuple(config),)
+    else:
+        names, values = _CUDA_KNOBS, tuple(config)
+    original = [getattr(module, n) for n in names]
+    for name, value in zip(names, values):
+        setattr(module, name, value)
     try:
         yield
     finally:
-        module.launch_config = original
+        for name, value in zip(names, original):
+            setattr(module, name, value)
 
 
 def _loss_and_grad(torch, backend, inputs):
@@ -526,8 +556,8 @@ SWEEP_TOLERANCE = {"loss": 1e-5, "grad": 1e-2}
 
 
 def section_sweep(rep, torch, B, device, backends, args):
-    """Time each backend that has a ``launch_config`` with every candidate config forced,
-    after checking that the config computes what the default computes.
+    """Time each backend in ``SWEEP_SPACES`` with every candidate config forced, after
+    checking that the config computes what the default computes.
 
     Returns (rows, winners): winners maps (backend, C, L) to the fastest checked config.
     """
@@ -541,22 +571,18 @@ def section_sweep(rep, torch, B, device, backends, args):
     rows_out, winners = [], {}
     for backend in backends:
         module = BACKENDS[backend].load()
-        if not callable(getattr(module, "launch_config", None)):
-            rep.log(f"sweep: backend {backend} has no launch_config(); nothing to sweep")
+        if not _sweepable(backend, module):
+            rep.log(f"sweep: backend {backend} has no launch settings to sweep")
             continue
-        space = getattr(module, "SWEEP_SPACE", None)
+        space = list(SWEEP_SPACES[backend])
         if backend == "triton" and args.tiny:   # one small forced block, under the interpreter
             space = [(16, 1)]
-        if not space:
-            rep.log(f"sweep: backend {backend} defines no SWEEP_SPACE; nothing to sweep")
-            continue
-        space = list(space)
         impl = B.Impl(backend, B.package_loss(backend), True)
         rep.log(f"== sweep {backend}: {len(space)} configs × {len(shapes)} shapes × {dtypes}")
         for dtype_name in dtypes:
             dtype = B.DTYPES[dtype_name]
             for shape in shapes:
-                default = tuple(module.launch_config(shape.classes, shape.levels, device.type))
+                default = default_config(module, shape, device.type)
                 inputs = B.make_inputs(shape, dtype, device)
                 # Triton's first entry is BLOCK: blocks past the row's size are the same single-block launch.
                 cap = max(16, 1 << (shape.classes - 1).bit_length()) if backend == "triton" else None
@@ -683,6 +709,18 @@ def targets_summary(B, results, copy_gbps):
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def guarded(rep, where):
+    """One section of the run: an error is logged and the run goes on, unless it left the
+    device in an error state (then every later CUDA call fails too: stop)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - logged, counted in the exit status
+        rep.error(where, exc)
+        if _device_poisoned(exc):
+            raise
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.tiny:
@@ -711,52 +749,32 @@ def main(argv=None):
             backends = [b for b in backends if b not in B.INTERPRETED.get("cpu", ())]
 
         if not (args.skip_correctness or args.sweep_only):
-            try:
+            with guarded(rep, "correctness"):
                 section_correctness(rep, torch, B, device, backends, args.quick, args.tiny)
-            except Exception as exc:  # noqa: BLE001
-                rep.error("correctness", exc)
-                if _device_poisoned(exc):
-                    raise
 
-        try:
+        with guarded(rep, "copy bandwidth"):
             copy_gbps = B.copy_bandwidth(device, num_bytes=(16 << 20) if args.tiny else None)
             rep.data["copy_gbps"] = copy_gbps
             rep.log(f"== device-to-device copy bandwidth: {copy_gbps:.1f} GB/s (read + write)")
             rep.save()
-        except Exception as exc:  # noqa: BLE001
-            rep.error("copy bandwidth", exc)
 
         if not (args.skip_timing or args.sweep_only):
-            try:
+            with guarded(rep, "breakdown"):
                 section_breakdown(rep, torch, B, device, [b for b in backends if b != "reference"], args)
-            except Exception as exc:  # noqa: BLE001
-                rep.error("breakdown", exc)
-                if _device_poisoned(exc):
-                    raise
 
         winners = {}
         if args.sweep or args.sweep_only:
-            try:
+            with guarded(rep, "sweep"):
                 sweep_rows, winners = section_sweep(rep, torch, B, device,
                                                     [b for b in backends if b != "reference"], args)
-            except Exception as exc:  # noqa: BLE001
-                rep.error("sweep", exc)
-                if _device_poisoned(exc):
-                    raise
 
         if not (args.skip_timing or args.sweep_only):
             timing_backends = [b for b in backends if args.tiny or b != "reference" or device.type == "cpu"]
             if not args.no_liger:
-                try:
+                with guarded(rep, "baseline checks"):
                     section_baseline_checks(rep, torch, B, device)
-                except Exception as exc:  # noqa: BLE001
-                    rep.error("baseline checks", exc)
-            try:
+            with guarded(rep, "timing"):
                 results = section_timing(rep, torch, B, device, timing_backends, args, copy_gbps, winners)
-            except Exception as exc:  # noqa: BLE001
-                rep.error("timing", exc)
-                if _device_poisoned(exc):
-                    raise
     except Exception as exc:  # noqa: BLE001 - a poisoned CUDA context: report what we have
         rep.log(f"stopping early: the device is in an error state ({type(exc).__name__}); "
                 f"rerun with --backends excluding the backend that caused it")

@@ -1,9 +1,11 @@
 """What the compiled backends (cpu_backend, cuda_backend) share: building their
-extensions from csrc/ on first use, with a cache across processes, and the limits
-their kernels put on the inputs.
+extensions from csrc/ on first use, with a cache across processes, loading them
+once per process, the arguments their bindings take, and the limits their
+kernels put on the inputs.
 
-Each backend describes its extension with a ``JitExtension`` and keeps its own
-flags and once-per-process result.
+Each backend describes its extension with a ``JitExtension`` (its files), builds
+it with its own flags, and holds the once-per-process result in a
+``LoadedExtension``.
 
 Builds go to ~/.cache/moekd_kernels (or ``$MOEKD_KERNELS_CACHE``), into a folder
 the backend names by ``environment_key`` of whatever shapes the binary besides
@@ -22,11 +24,15 @@ import hashlib
 import importlib.util
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+
+from .options import MoEKDOptions
 
 _STAMP = "sources.sha256"
 
@@ -37,11 +43,19 @@ MAX_LEVELS = 8  # moekd::kMaxLevels in csrc/common/moekd_math.h
 
 
 def check_kernel_inputs(backend: str, student: torch.Tensor, teacher: torch.Tensor,
-                        teacher_dtypes: Sequence[torch.dtype] = KERNEL_DTYPES) -> None:
+                        teacher_dtypes: Sequence[torch.dtype] = KERNEL_DTYPES,
+                        device_types: Optional[Sequence[str]] = None,
+                        max_levels: Optional[int] = MAX_LEVELS) -> None:
     """What a kernel takes beyond what options.flatten_inputs checks for every backend.
 
-    ``backend`` is also the device type: each compiled backend is named after its device.
+    ``device_types``: the devices the kernel runs on; by default the one the backend is
+    named after (cpu, cuda). ``max_levels`` None: any number of levels.
     """
+    if student.dim() != 2 or teacher.dim() != 3:
+        raise ValueError(
+            f"backend '{backend}' takes student (N, C) and teacher (L, N, C), got "
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     if student.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"student_logits must be float32, bfloat16 or float16 for backend '{backend}', got "
@@ -53,13 +67,24 @@ def check_kernel_inputs(backend: str, student: torch.Tensor, teacher: torch.Tens
             f"teacher_logits must be {', '.join(names[:-1])} or {names[-1]} for backend '{backend}', "
             f"got {teacher.dtype}"
         )
-    if teacher.shape[0] > MAX_LEVELS:
+    if max_levels is not None and teacher.shape[0] > max_levels:
         raise ValueError(
             f"teacher_logits has L={teacher.shape[0]} levels; backend '{backend}' supports at most "
-            f"{MAX_LEVELS} (use backend='reference' for more)"
+            f"{max_levels} (use backend='reference' for more)"
         )
-    if student.device.type != backend or teacher.device.type != backend:
-        raise ValueError(f"backend '{backend}' takes {backend.upper()} tensors, got {student.device}")
+    devices = (backend,) if device_types is None else tuple(device_types)
+    if student.device.type not in devices or teacher.device != student.device:
+        names = " or ".join(d.upper() for d in devices)
+        raise ValueError(f"backend '{backend}' takes {names} tensors (student and teacher on one device), "
+                         f"got {student.device} and {teacher.device}")
+
+
+def kernel_options(opts: MoEKDOptions) -> tuple:
+    """The options as both bindings take them after (student, teacher, target):
+    per-level temperatures, expert strengths and level weights, then gate weight,
+    expert weight and ignore_index."""
+    return (list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
+            float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index))
 
 
 def cache_root() -> Path:
@@ -76,15 +101,15 @@ def environment_key(*parts) -> str:
 
 
 def import_built(name: str, build_dir: Path):
-    """The already-built module, or None when it does not load."""
+    """The already-built module, or None when no candidate file loads."""
     for path in sorted(build_dir.glob(f"{name}.*so")) + sorted(build_dir.glob(f"{name}.pyd")):
         try:
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-        except Exception:  # noqa: BLE001 - stale or half-written: rebuild
-            return None
+        except Exception:  # noqa: BLE001 - stale or half-written: try the next, else rebuild
+            continue
     return None
 
 
@@ -103,7 +128,7 @@ def build_lock(build_dir: Path):
     """
     try:
         import fcntl
-    except ImportError:  # not POSIX: torch's own file lock alone, as before
+    except ImportError:  # not POSIX: torch's own file lock is the only guard there
         yield
         return
     with open(build_dir / ".moekd_build.lock", "a+") as handle:
@@ -166,7 +191,9 @@ class JitExtension:
             module = built()  # another process may have built it while this one waited
             if module is not None:
                 return module
-            print(f"moekd_kernels: building {self.label}{target} (once, ~30 s)...", file=sys.stderr, flush=True)
+            print(f"moekd_kernels: building {self.label}{target} (once per machine and version; "
+                  f"about 1-2 minutes on a 2-core machine)...", file=sys.stderr, flush=True)
+            started = time.monotonic()
             # load() appends to the flag lists it is given: hand it copies, not our constants.
             load_args = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in load_args.items()}
             module = load(name=name, sources=[str(csrc / s) for s in self.sources],
@@ -176,6 +203,8 @@ class JitExtension:
             partial = stamp.with_name(f"{stamp.name}.{os.getpid()}")
             partial.write_text(key)
             os.replace(partial, stamp)
+            print(f"moekd_kernels: built {self.label} in {time.monotonic() - started:.0f} s",
+                  file=sys.stderr, flush=True)
         return module
 
     def failure_message(self, exc: BaseException, limit: int = 3000) -> str:
@@ -191,3 +220,35 @@ class JitExtension:
             return build(), None
         except Exception as exc:  # noqa: BLE001 - any failure means "unavailable, because ..."
             return None, self.failure_message(exc)
+
+
+class LoadedExtension:
+    """One extension's build, at most once per process: ``load()`` gives (module, None)
+    or (None, why not). A failed build stays failed for the process (the compiler would
+    say the same again); a ``precheck`` that names a reason (no GPU, say) is not cached.
+    """
+
+    def __init__(self, kernel: JitExtension, build: Callable[[], object],
+                 precheck: Optional[Callable[[], Optional[str]]] = None):
+        self.kernel = kernel
+        self._build = build
+        self._precheck = precheck
+        self._lock = threading.Lock()
+        self.module = None
+        self.failure: Optional[str] = None
+
+    def load(self) -> Tuple[Optional[object], Optional[str]]:
+        with self._lock:
+            if self.module is None and self.failure is None:
+                reason = self._precheck() if self._precheck is not None else None
+                if reason is not None:
+                    return None, reason
+                self.module, self.failure = self.kernel.try_build(self._build)
+            return self.module, self.failure
+
+    def require(self, backend: str):
+        """The module, or RuntimeError naming the backend and why it is not available."""
+        module, failure = self.load()
+        if module is None:
+            raise RuntimeError(f"backend='{backend}' is not available: {failure}")
+        return module

@@ -2,14 +2,18 @@
 
 Every backend implements the same contract (see ``reference.reference_forward``):
 
-    forward(student (N, C), teacher (L, N, C), target (N,), opts, grad_scale=None)
-        -> (loss (N,), log_likelihood (N,), agreement (N,), grad (N, C))
+    forward(student (N, C), teacher (L, N, C), target (N,) int64, opts, grad_scale=None,
+            need_grad=True)
+        -> (loss (N,), log_likelihood (N,), agreement (N,), grad (N, C) or None)
 
 ``loss`` and the stats are float32 (float64 for float64 student logits), and
 ``grad`` a new buffer in the student's dtype: the gradient of the per-row loss
 times ``grad_scale``, a 0-dim tensor on the student's device (None = 1) that a
-kernel reads on the device and applies before rounding to that dtype. Kernel modules are imported
-lazily, so a missing compiler or Triton only matters to the backend that needs it.
+kernel reads on the device and applies before rounding to that dtype. With
+``need_grad=False`` a backend runs no gradient pass, allocates no N×C buffer and
+returns None. The teacher may have level stride 0 (one head used at L temperatures):
+a backend reads such a view in place. Kernel modules are imported lazily, so a
+missing compiler or Triton only matters to the backend that needs it.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ class Backend:
     devices: Tuple[str, ...]         # device types the backend runs on
     description: str
     max_levels: Optional[int] = None  # teacher levels the kernel holds (None: any)
+    top_k_teacher: bool = False       # reads a teachers.TopKRows teacher
 
     def supports_levels(self, num_levels: int) -> bool:
         return self.max_levels is None or num_levels <= self.max_levels
+
+    def supports(self, num_levels: int, top_k_teacher: bool) -> bool:
+        return self.supports_levels(num_levels) and (self.top_k_teacher or not top_k_teacher)
 
     def load(self):
         return importlib.import_module(self.module, __package__)
@@ -60,7 +68,7 @@ BACKENDS: Dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("reference", ".reference", ("cpu", "cuda", "meta"),
-                "pure PyTorch closed form; any device"),
+                "pure PyTorch closed form; any device", top_k_teacher=True),
         Backend("cpu", ".cpu_backend", ("cpu",),
                 "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS),
         Backend("triton", ".triton_backend", ("cuda", "cpu"),
@@ -91,17 +99,17 @@ def check_backend_name(name) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def auto_backend(device_type: str, num_levels: int = 1) -> str:
+def auto_backend(device_type: str, num_levels: int = 1, top_k_teacher: bool = False) -> str:
     """The backend ``"auto"`` picks for ``device_type``: fastest available first.
 
-    Decided once per (device type, level count) and process, and logged; falling
-    back to the reference past an unavailable kernel warns once, with the reason.
+    Decided once per (device type, level count, teacher kind) and process, and logged;
+    falling back to the reference past an unavailable kernel warns once, with the reason.
     """
     skipped = []
     chosen = _FALLBACK
     for candidate in AUTO_ORDER.get(device_type, (_FALLBACK,)):
         backend = BACKENDS[candidate]
-        if not backend.supports_levels(num_levels):
+        if not backend.supports(num_levels, top_k_teacher):
             continue
         reason = backend.unavailable_reason(device_type)
         if reason is None:
@@ -115,8 +123,8 @@ def auto_backend(device_type: str, num_levels: int = 1) -> str:
             RuntimeWarning,
             stacklevel=2,
         )
-    logger.info("moekd_kernels: backend='auto' uses %r for %s tensors with %d level(s)",
-                chosen, device_type, num_levels)
+    logger.info("moekd_kernels: backend='auto' uses %r for %s tensors with %d level(s)%s",
+                chosen, device_type, num_levels, " and a top-k teacher" if top_k_teacher else "")
     return chosen
 
 
@@ -127,20 +135,26 @@ def describe_auto() -> str:
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
-                    num_levels: int = 1) -> str:
+                    num_levels: int = 1, top_k_teacher: bool = False) -> str:
     """Turn "auto" into a concrete backend for ``device``; check explicit choices."""
     check_backend_name(name)
-    return _resolve(name, torch.device(device).type, dtype, num_levels)
+    return _resolve(name, torch.device(device).type, dtype, num_levels, top_k_teacher)
 
 
 # torch.compile runs this once while tracing and keeps the name as a constant:
 # tracing into it would reach importlib and lru_cache, both graph breaks.
 @torch.compiler.assume_constant_result
-def _resolve(name: str, device_type: str, dtype: torch.dtype, num_levels: int) -> str:
+def _resolve(name: str, device_type: str, dtype: torch.dtype, num_levels: int,
+             top_k_teacher: bool) -> str:
     if name == "auto":
         # The kernels accumulate in float32; float64 callers want float64 all the way.
-        return "reference" if dtype == torch.float64 else auto_backend(device_type, num_levels)
+        return "reference" if dtype == torch.float64 else auto_backend(device_type, num_levels,
+                                                                         top_k_teacher)
     backend = BACKENDS[name]
+    if top_k_teacher and not backend.top_k_teacher:
+        takers = [n for n, b in BACKENDS.items() if b.top_k_teacher]
+        raise ValueError(f"backend={name!r} does not take a TopKTeacher; use backend='auto' or one of "
+                         f"{takers}")
     if not backend.supports_levels(num_levels):
         raise ValueError(
             f"teacher_logits has L={num_levels} levels, but backend={name!r} supports at most "

@@ -18,13 +18,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import threading
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from ._jit import (KERNEL_DTYPES, MAX_LEVELS, JitExtension, cache_root, check_kernel_inputs,
-                   environment_key)
+from ._jit import (KERNEL_DTYPES, JitExtension, LoadedExtension, cache_root, check_kernel_inputs,
+                   environment_key, kernel_options)
 from .options import MoEKDOptions
 
 # -O3 and the vector ISA of this CPU, but no -ffast-math: the kernel relies on
@@ -35,14 +34,6 @@ LDFLAGS = ("-fopenmp",)
 _SOURCES = ("cpu/moekd_cpu.cpp", "cpu/binding.cpp")
 _HEADERS = ("cpu/moekd_cpu.h", "common/moekd_math.h", "common/binding_inputs.h")
 _KERNEL = JitExtension("the C++ CPU kernel", _SOURCES, _HEADERS, marker=_SOURCES[0])
-
-# The tests build into and read from these.
-_cache_root = cache_root
-_failure_message = _KERNEL.failure_message
-
-_lock = threading.Lock()
-_extension = None
-_failure: Optional[str] = None
 
 
 def _cpu_fingerprint() -> str:
@@ -60,42 +51,36 @@ def _environment_key() -> str:
                            _cpu_fingerprint(), os.environ.get("CXX", ""))
 
 
+def build_dir():
+    return cache_root() / f"cpu-{_environment_key()}"
+
+
 def _build(csrc, build_dir, name: str = "moekd_cpu"):
     return _KERNEL.build(csrc, build_dir, name, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, with_cuda=False)
 
 
-def _load() -> Tuple[Optional[object], Optional[str]]:
-    """(extension, None) or (None, why not); builds at most once per process."""
-    global _extension, _failure
-    with _lock:
-        if _extension is None and _failure is None:
-            _extension, _failure = _KERNEL.try_build(
-                lambda: _build(_KERNEL.csrc_dir(), _cache_root() / f"cpu-{_environment_key()}"))
-        return _extension, _failure
+EXTENSION = LoadedExtension(_KERNEL, lambda: _build(_KERNEL.csrc_dir(), build_dir()))
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type != "cpu":
         return f"backend 'cpu' runs on CPU tensors, not {device_type}"
-    return _load()[1]
+    return EXTENSION.load()[1]
 
 
 def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
-            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None):
+            opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None, need_grad: bool = True):
     """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
 
     grad is ``grad_scale`` · ∂loss/∂s (None: 1), scaled in float before the rounding to the
-    student's dtype; a 0-dim CPU tensor, so reading it here is no device sync.
+    student's dtype; a 0-dim CPU tensor, so reading it here is no device sync. With
+    ``need_grad=False`` the kernel skips its gradient pass and no N×C buffer is allocated:
+    grad is None, loss and stats are the same bits.
     """
     # Precomputed teacher logits are often float64: the kernel reads them as they are, without a copy.
     check_kernel_inputs("cpu", student, teacher, KERNEL_DTYPES + (torch.float64,))
-    extension, failure = _load()
-    if extension is None:
-        raise RuntimeError(f"backend='cpu' is not available: {failure}")
-    loss, log_likelihood, agreement, grad = extension.moe_kd_rows(
-        student, teacher, target,
-        list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
-        float(opts.gate_weight), float(opts.expert_weight), int(opts.ignore_index),
-        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale),
+    loss, log_likelihood, agreement, grad = EXTENSION.require("cpu").moe_kd_rows(
+        student, teacher, target, *kernel_options(opts),
+        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale), bool(need_grad),
     )
     return loss, log_likelihood, agreement, grad

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import math
 import sys
 import time
@@ -463,7 +464,31 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True) -> List[Dict[str, S
     return results
 
 
+DEMO_EXTRA_HINT = 'pip install -e ".[demo]"  (or: pip install scikit-learn matplotlib)'
+
+
+def require_demo_dependencies(plot: bool) -> None:
+    """Fail before any training when an optional dependency of the demo is missing.
+
+    scikit-learn provides the data and matplotlib the ``--plot`` chart; without this
+    check a missing matplotlib would surface only after the whole run.
+    """
+    needed = [("sklearn", "scikit-learn", "the digits data")]
+    if plot:
+        needed.append(("matplotlib", "matplotlib", "the --plot chart"))
+    missing = []
+    for module, package, purpose in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(f"{package} ({purpose})")
+    if missing:
+        raise SystemExit(f"python -m moekd_kernels demo: {' and '.join(missing)} not installed. "
+                         f"Install the demo extra: {DEMO_EXTRA_HINT}")
+
+
 def run(args: argparse.Namespace) -> int:
+    require_demo_dependencies(plot=bool(args.plot))
     cfg = config_from_args(args)
     start = time.perf_counter()  # includes a JIT build of the loss kernel, if any
     backend = resolve_backend(cfg.backend, torch.device(cfg.device))

@@ -9,11 +9,14 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
+from .teachers import TopKTeacher, flatten_top_k_inputs, topk_rows
+from .vocab_parallel import sharded_moe_kd_loss
 from .options import (
     PerLevel,
+    check_num_items_in_batch,
     check_reduction,
-    check_target_values,
     flatten_inputs,
+    option_levels,
     resolve_options,
 )
 
@@ -47,31 +50,69 @@ def fused_moe_kd_loss(
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
+    num_items_in_batch: Optional[Union[int, Tensor]] = None,
+    process_group=None,
 ) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
     """MoE-KD distillation loss with its gradient fused into the forward pass.
 
     Args:
         student_logits: ``(..., C)`` float32, bfloat16, float16 or float64.
         teacher_logits: ``(..., C)`` for one level or ``(L, ..., C)`` for L levels;
-            any floating dtype. Treated as constants: they get no gradient.
-        target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``.
-        temperature: τ, one float or one per level (> 0).
+            any floating dtype; or a :class:`TopKTeacher` (a teacher stored as its top-k).
+            Treated as constants: they get no gradient. A ``(..., C)`` teacher with
+            per-level option sequences of length L is L levels of the same logits
+            (e.g. one head at L temperatures), not copied.
+        target: ``(...)`` integer class indices in ``[0, C)`` or ``ignore_index``
+            (int64, int32, int16, int8 or uint8; compared as int64).
+        temperature: τ, one float or one per level, in [1e-4, 1e4].
         expert_strength: β, one float or one per level (in [0, 50]).
         level_weights: one weight per level (>= 0, normalised to sum 1); default uniform.
-        gate_weight: λ_g, weight of the gate term (student learns the corrected teacher).
-        expert_weight: λ_e, weight of the expert log-likelihood term.
+        gate_weight: λ_g, weight of the gate term (student learns the corrected teacher),
+            in [0, 1e8].
+        expert_weight: λ_e, weight of the expert log-likelihood term, in [0, 1e8].
         ignore_index: rows with this target contribute 0 and get a zero gradient.
         reduction: ``"mean"`` over non-ignored rows, ``"sum"``, or ``"none"``.
         backend: ``"auto"`` or a name from ``moekd_kernels.backend_names()``.
         return_stats: also return :class:`MoEKDStats`.
+        num_items_in_batch: an int > 0 or a 0-dim tensor (never read on the host):
+            the loss is then the sum over non-ignored rows divided by it, the Hugging
+            Face / TRL convention for gradient accumulation (the token count of all
+            micro-batches of one optimizer step). Only with ``reduction="mean"``, whose
+            divisor it replaces.
+        process_group: a ``torch.distributed`` group over which the classes are sharded:
+            each rank passes the logits of its contiguous class slice (in rank order) and
+            the global target, and gets the unsharded loss and stats and its slice's gradient.
+
+    The gradient is computed in the forward pass only when it can be needed (grad
+    mode on and ``student_logits.requires_grad``); evaluation under ``torch.no_grad()``
+    or ``torch.inference_mode()`` skips it and its N×C buffer. The gradient is first
+    order: double backward (``create_graph=True``) through the loss raises.
 
     Returns:
         The loss (float32; float64 for float64 logits), scalar or shaped like
         ``target`` for ``reduction="none"``; with ``return_stats``, ``(loss, stats)``.
     """
-    student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target)
+    if process_group is not None:
+        return sharded_moe_kd_loss(
+            student_logits, teacher_logits, target, process_group=process_group,
+            temperature=temperature, expert_strength=expert_strength, level_weights=level_weights,
+            gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
+            return_stats=return_stats)
+    shared_levels = option_levels(temperature, expert_strength, level_weights)
+    top_k = isinstance(teacher_logits, TopKTeacher)
+    if top_k:
+        student_2d, target_1d, teacher_levels, num_levels = flatten_top_k_inputs(
+            student_logits, teacher_logits, target, student_logits.shape[-1], shared_levels)
+    else:
+        if not (isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor)
+                and teacher_logits.shape == student_logits.shape):
+            shared_levels = None  # an (L, ..., C) teacher has its own levels
+        student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target,
+                                                           shared_levels)
+        num_levels = teacher_3d.shape[0]
     opts = resolve_options(
-        teacher_3d.shape[0],
+        num_levels,
         temperature=temperature,
         expert_strength=expert_strength,
         level_weights=level_weights,
@@ -82,12 +123,21 @@ def fused_moe_kd_loss(
     check_reduction(reduction)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-    check_target_values(target_1d, student_2d.shape[1], opts.ignore_index)
-    chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels)
+    num_items = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
+    chosen = resolve_backend(backend, student_2d.device, student_2d.dtype, opts.num_levels, top_k)
+    # Under no_grad / inference_mode (grad mode off) or for logits that need no gradient,
+    # the backends skip the gradient pass and its N×C buffer.
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if top_k:
+        rows = topk_rows(teacher_logits, teacher_levels, opts.num_levels, student_2d.shape[0],
+                         student_2d.shape[1])
+        teacher_values, teacher_indices, teacher_rest = rows.values, rows.indices, rows.rest
+    else:
+        teacher_values, teacher_indices, teacher_rest = teacher_3d.detach(), None, None
 
     loss, log_likelihood, agreement, _ = moe_kd_loss(
         student_2d,
-        teacher_3d.detach(),
+        teacher_values,
         target_1d,
         list(opts.temperatures),
         list(opts.expert_strengths),
@@ -97,6 +147,10 @@ def fused_moe_kd_loss(
         opts.ignore_index,
         chosen,
         reduction,
+        need_grad,
+        num_items,
+        teacher_indices,
+        teacher_rest,
     )
     if reduction == "none":
         loss = loss.reshape(target.shape)
@@ -127,13 +181,8 @@ class MoEKDLoss(nn.Module):
         # Fail at construction for what can be checked without the tensors.
         check_reduction(reduction)
         check_backend_name(backend)
-        num_levels = len(temperature) if isinstance(temperature, (list, tuple)) else 1
-        if num_levels == 1 and isinstance(expert_strength, (list, tuple)):
-            num_levels = len(expert_strength)
-        if num_levels == 1 and level_weights is not None and len(level_weights) > 0:
-            num_levels = len(level_weights)
         resolve_options(
-            num_levels,
+            option_levels(temperature, expert_strength, level_weights) or 1,
             temperature=temperature,
             expert_strength=expert_strength,
             level_weights=level_weights,
@@ -151,7 +200,9 @@ class MoEKDLoss(nn.Module):
         self.backend = backend
         self.return_stats = return_stats
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
+                num_items_in_batch: Optional[Union[int, Tensor]] = None):
+        """See :func:`fused_moe_kd_loss`; ``num_items_in_batch`` is per call (it changes per batch)."""
         return fused_moe_kd_loss(
             student_logits,
             teacher_logits,
@@ -165,6 +216,7 @@ class MoEKDLoss(nn.Module):
             reduction=self.reduction,
             backend=self.backend,
             return_stats=self.return_stats,
+            num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:

@@ -20,6 +20,14 @@ gradient of the returned loss ("mean" passes 1/n_valid, a device scalar, into
 the kernel), so backward only scales it by grad_output, and skips that N×C
 pass where grad_output is 1, as it is for ``loss.backward()``. The check runs
 on the device (the GPU scaling kernel returns early), never as a host sync.
+
+What the op's body does besides calling the backend, and why there: it checks CPU
+targets (and a CPU ``num_items_in_batch``), because the body runs eagerly even inside
+a compiled graph, so a compiled call raises the eager ValueError instead of tracing
+past it. ``need_grad=False`` (no_grad, inference_mode, logits without grad) skips the
+gradient pass; the gradient output is then an empty (0,) placeholder. Backward gives
+a first-order gradient only, and is refused, in the library's words, for a double
+backward or a second backward through the same result.
 """
 
 from __future__ import annotations
@@ -30,8 +38,39 @@ import torch
 from torch import Tensor
 
 from .backends import BACKENDS
-from .options import MoEKDOptions
+from .options import MoEKDOptions, check_target_values
 from .reference import accumulation_dtype
+from .scaling import scale_rows_
+from .teachers import TopKRows
+
+# Raised by backward in the library's own words, instead of a silently wrong or a raw
+# PyTorch error; the tests match these texts.
+DOUBLE_BACKWARD_MESSAGE = (
+    "moekd_kernels: fused_moe_kd_loss gives a first-order gradient only: its backward "
+    "returns the gradient computed in the forward pass, which has no graph of its own, so a "
+    "double backward (create_graph=True, e.g. a gradient penalty through this loss) would "
+    "silently miss the loss's second-order term. Call backward / autograd.grad without "
+    "create_graph=True through this loss."
+)
+SECOND_BACKWARD_MESSAGE = (
+    "moekd_kernels: backward ran twice through the same fused_moe_kd_loss result "
+    "(retain_graph=True). The loss keeps its gradient from the forward pass and the first "
+    "backward consumed it (scaled it in place by grad_output), so retain_graph=True is not "
+    "supported through this loss: recompute the loss before each backward."
+)
+
+
+def _check_num_items(num_items_in_batch: Tensor) -> None:
+    """A CPU count is read here, in the op's body, which runs eagerly even in a compiled
+    graph; a GPU count is never read on the host (no sync): it is only divided by."""
+    if num_items_in_batch.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    value = num_items_in_batch.item()
+    if not value > 0 or value == float("inf"):
+        raise ValueError(
+            "num_items_in_batch must be > 0 and finite (the token count of the whole batch), "
+            f"got {value}"
+        )
 
 
 @torch.library.custom_op("moekd_kernels::moe_kd_loss", mutates_args=())
@@ -47,39 +86,61 @@ def moe_kd_loss(
     ignore_index: int,
     backend: str,
     reduction: str,
+    need_grad: bool = True,
+    num_items_in_batch: Optional[Tensor] = None,
+    teacher_indices: Optional[Tensor] = None,
+    teacher_rest: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood (N,), agreement (N,), grad).
+    """student (N, C), teacher (L, N, C), target (N,) int64 → (loss, log_likelihood (N,), agreement (N,), grad).
 
-    ``loss`` is reduced as ``reduction`` says (0-dim for "mean"/"sum", (N,) for "none"),
-    and ``grad`` (N, C) is its gradient with respect to ``student``.
+    ``loss`` is reduced as ``reduction`` says (0-dim for "mean"/"sum", (N,) for "none");
+    "mean" divides by ``num_items_in_batch`` (a 0-dim tensor) when given, else by the
+    number of non-ignored rows. ``grad`` (N, C) is its gradient with respect to
+    ``student``, or an empty (0,) tensor when ``need_grad`` is False (no gradient pass).
+    With ``teacher_indices`` (L, N, K) and ``teacher_rest`` (L, N) the teacher is a top-k
+    one (``teachers.TopKRows``) whose values (L, N, K) ``teacher`` holds.
     """
+    check_target_values(target, student.shape[1], ignore_index)
     opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
                         gate_weight, expert_weight, ignore_index)
-    num_valid: Optional[Tensor] = None
+    divisor: Optional[Tensor] = None
     grad_scale: Optional[Tensor] = None
     if reduction == "mean":
-        # On the device: no host sync. 0 valid rows → 0 / 1 = 0, never NaN.
-        num_valid = (target != ignore_index).sum().clamp_min(1)
-        grad_scale = 1.0 / num_valid.to(accumulation_dtype(student.dtype))
+        if num_items_in_batch is not None:
+            _check_num_items(num_items_in_batch)
+            divisor = num_items_in_batch
+        else:
+            # On the device: no host sync. 0 valid rows → 0 / 1 = 0, never NaN.
+            divisor = (target != ignore_index).sum().clamp_min(1)
+        grad_scale = 1.0 / divisor.to(accumulation_dtype(student.dtype))
+    if teacher_indices is not None:  # a top-k teacher: ``teacher`` holds its values
+        teacher = TopKRows(teacher_indices, teacher, teacher_rest)
     loss, log_likelihood, agreement, grad = BACKENDS[backend].forward(student, teacher, target, opts,
-                                                                      grad_scale)
+                                                                      grad_scale, need_grad)
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
-        loss = loss.sum() / num_valid.to(loss.dtype)
+        loss = loss.sum() / divisor.to(loss.dtype)
+    if not need_grad:
+        grad = student.new_empty((0,))
     return loss, log_likelihood, agreement, grad
 
 
 @moe_kd_loss.register_fake
 def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
-                      gate_weight, expert_weight, ignore_index, backend, reduction):
+                      gate_weight, expert_weight, ignore_index, backend, reduction, need_grad=True,
+                      num_items_in_batch=None, teacher_indices=None, teacher_rest=None):
     num_rows = student.shape[0]
     acc = accumulation_dtype(student.dtype)
     loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=acc)
     log_likelihood = student.new_empty((num_rows,), dtype=acc)
     agreement = student.new_empty((num_rows,), dtype=acc)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad_shape = student.shape if need_grad else (0,)
+    grad = torch.empty(grad_shape, dtype=student.dtype, device=student.device)
     return loss, log_likelihood, agreement, grad
+
+
+_NUM_INPUTS = 15
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,6 +148,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(log_likelihood, agreement, grad)
     ctx.set_materialize_grads(False)  # never build N×C zeros for the unused outputs
     ctx.save_for_backward(grad)
+    ctx.consumed = False
 
 
 def _compiling() -> bool:
@@ -97,7 +159,14 @@ def _compiling() -> bool:
 
 def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * _NUM_INPUTS
+    if torch.is_grad_enabled() and not _compiling():
+        # Grad mode is on in backward exactly when autograd builds a graph of it.
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+    if ctx.consumed:
+        # Checked before the saved gradient is read: PyTorch's own version-counter
+        # error would say "modified by an inplace operation" without saying why.
+        raise RuntimeError(SECOND_BACKWARD_MESSAGE)
     (grad,) = ctx.saved_tensors
     # One factor per row: a 0-dim grad_loss ("mean"/"sum") is broadcast, stride 0.
     per_row = grad_loss.expand(grad.shape[0])
@@ -105,53 +174,15 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
         # AOTAutograd functionalises backward anyway (and rejects mutating a
         # buffer the graph may also return), so write the plain product.
         # The product in float32 (the factor unrounded), as the eager kernel forms it.
-        return ((grad * per_row.unsqueeze(-1)).to(grad.dtype),) + (None,) * 10
+        return ((grad * per_row.unsqueeze(-1)).to(grad.dtype),) + (None,) * (_NUM_INPUTS - 1)
     # Scaling in place keeps one N×C buffer alive instead of two. As a registered
-    # op that mutates ``grad`` it bumps the version counter (so a second backward
-    # through the same graph raises PyTorch's usual "modified by an inplace
-    # operation" error instead of returning a twice-scaled gradient), and graph
-    # tracers that reach this branch see an op with a fake implementation rather
-    # than a raw kernel launch.
+    # op that mutates ``grad`` it bumps the version counter (a second backward through
+    # the same graph could not silently return a twice-scaled gradient even without
+    # the check above), and graph tracers that reach this branch see an op with a fake
+    # implementation rather than a raw kernel launch.
+    ctx.consumed = True
     scale_rows_(grad, per_row)
-    return (grad,) + (None,) * 10
-
-
-# Rows per block when a low-precision gradient is scaled on the CPU (about 1M elements).
-_CPU_BLOCK_ELEMENTS = 1 << 20
-
-
-@torch.library.custom_op("moekd_kernels::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: Tensor, scale: Tensor) -> None:
-    """grad[i, :] *= scale[i], in place, with no N×C temporaries; rows whose factor is 1
-    are left as they are (on the GPU the kernel checks, so the host never reads a factor)."""
-    if scale.numel() == 0:
-        return
-    if grad.device.type == "cuda" and BACKENDS["triton"].unavailable_reason("cuda") is None:
-        from .triton_backend import scale_rows_ as triton_scale_rows_
-
-        triton_scale_rows_(grad, scale)
-        return
-    if grad.device.type == "cpu" and bool((scale == 1).all()):  # a host tensor: no sync
-        return
-    if scale.stride(0) == 0:
-        # "mean"/"sum": one value broadcast to every row. A 0-dim factor keeps the
-        # product in one pass, in float32 arithmetic on the CPU, for any gradient dtype.
-        grad.mul_(scale[0])
-        return
-    scale = scale.unsqueeze(-1)
-    if grad.device.type != "cpu" or grad.dtype == scale.dtype:
-        grad.mul_(scale)
-        return
-    # A bf16/fp16 tensor times a float32 column makes CPU PyTorch upcast the whole
-    # gradient through float32 copies; row blocks bound those to one block.
-    rows = max(1, _CPU_BLOCK_ELEMENTS // max(grad.shape[1], 1))
-    for start in range(0, grad.shape[0], rows):
-        grad[start:start + rows].mul_(scale[start:start + rows])
-
-
-@scale_rows_.register_fake
-def _scale_rows_fake(grad, scale):
-    return None
+    return (grad,) + (None,) * (_NUM_INPUTS - 1)
 
 
 moe_kd_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .options import MoEKDOptions
+from .teachers import TopKRows
 
 
 class _Rows(NamedTuple):
@@ -125,19 +126,62 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Rows per block: about 2^18 elements (1 MiB in float32) per block-sized temporary.
+# _moe_kd_rows holds one or two dozen of them at once (more with many levels); blocks keep
+# that far below one N×C buffer, so the reference's own memory is the gradient it
+# returns, or nothing when no gradient is asked for.
+_BLOCK_ELEMENTS = 1 << 18
+
+
 def reference_forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
-                      grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                      grad_scale: Optional[Tensor] = None,
+                      need_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """The backend contract: (loss, log_likelihood, agreement, grad) per row.
 
-    student (N, C), teacher (L, N, C), target (N,). ``grad`` is the SPEC closed
-    form times ``grad_scale`` (a 0-dim tensor on the student's device; None = 1),
-    in a new buffer of the student's dtype.
+    student (N, C), teacher (L, N, C) (any strides, level stride 0 included) or a
+    ``teachers.TopKRows``, target (N,).
+    ``grad`` is the SPEC closed form times ``grad_scale`` (a 0-dim tensor on the student's
+    device; None = 1), in a new buffer of the student's dtype; None when ``need_grad`` is
+    False, in which case no gradient is computed. Rows are independent, so they are
+    computed a block at a time.
     """
     acc = accumulation_dtype(student.dtype)
+    num_rows, num_classes = student.shape
+    loss, log_likelihood, agreement = (student.new_empty((num_rows,), dtype=acc) for _ in range(3))
+    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=student.device) \
+        if need_grad else None
+    scale = None if grad_scale is None else grad_scale.to(acc)
+    block_rows = max(1, _BLOCK_ELEMENTS // num_classes)
     with torch.no_grad():
-        rows = _moe_kd_rows(student.to(acc), teacher, target, opts, closed_form_grad=True)
-        grad = rows.grad if grad_scale is None else rows.grad * grad_scale.to(acc)
-    return rows.loss, rows.log_likelihood, rows.agreement, grad.to(student.dtype)
+        for start in range(0, num_rows, block_rows):
+            rows = slice(start, start + block_rows)
+            if isinstance(teacher, TopKRows):
+                block = _top_k_block(student[rows], TopKRows(*(part[:, rows] for part in teacher)),
+                                     target[rows], opts, scale, need_grad)
+            else:
+                block = _moe_kd_rows(student[rows].to(acc), teacher[:, rows], target[rows], opts,
+                                     closed_form_grad=need_grad)
+                if need_grad and scale is not None:
+                    # Scaled in the accumulation dtype, then rounded once to the student's dtype.
+                    block = block._replace(grad=block.grad * scale)
+            loss[rows] = block.loss
+            log_likelihood[rows] = block.log_likelihood
+            agreement[rows] = block.agreement
+            if need_grad:
+                grad[rows] = block.grad
+    return loss, log_likelihood, agreement, grad
+
+
+def _top_k_block(student: Tensor, teacher: TopKRows, target: Tensor, opts: MoEKDOptions,
+                 scale: Optional[Tensor], need_grad: bool) -> _Rows:
+    """A block of rows with a top-k teacher, read through its loader (phases.py): the
+    closed forms above would need the dense N×C teacher."""
+    from .phases import TopKTeacherSlice, slice_rows
+
+    num_classes = student.shape[1]
+    loader = TopKTeacherSlice(teacher, 0, num_classes, opts, accumulation_dtype(student.dtype))
+    return _Rows(*slice_rows(student, loader, target, opts, num_classes=num_classes, grad_scale=scale,
+                             need_grad=need_grad))
 
 
 def reference_loss_autograd(student: Tensor, teacher: Tensor, target: Tensor,

@@ -6,12 +6,11 @@ it is imported; that is how the tests exercise the kernel without a GPU.
 
 The launch path never synchronises with the device: per-level constants go in
 as kernel arguments (tuples of floats, no host-to-device copy). The grid is one
-program per row, or a persistent grid of a few programs per SM (``launch_config``).
+program per row; ``launch_config`` picks the block of classes and the warps.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import NamedTuple, Optional, Tuple
@@ -19,6 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._jit import check_kernel_inputs
 from .options import MoEKDOptions
 
 try:
@@ -45,26 +45,19 @@ class Tiles(NamedTuple):
 class LaunchConfig(NamedTuple):
     block: int            # classes per step; the single-block path when C <= block
     num_warps: int
-    programs_per_sm: int  # persistent grid of this many programs per SM; 0: one program per row
-    l2_hints: bool        # evict-last loads in passes 1-2, evict-first in pass 3
 
 
 # The launch table, in one place (LP = L rounded up to a power of two).
 # "cuda": measured on an H100, bf16, N = 16384 (fwd+bwd, benchmarks/RESULTS.md):
 # BLOCK 1024 with 4 warps beat 2048–8192 by 5–35% for C ≥ 32768, and neither L2
-# eviction hints nor persistent grids (1–8 programs per SM) beat it; a row of 4096
-# values ran 1.16–1.51× faster on 8 warps than on 4, one of 8192 (L = 2) best on 16.
+# eviction hints nor persistent grids (1–8 programs per SM) beat one program per row,
+# so the kernel has neither; a row of 4096 values ran 1.16–1.51× faster on 8 warps
+# than on 4, one of 8192 (L = 2) best on 16.
 # "cpu" is Triton's interpreter: it runs each block op as one numpy call, so its
 # cost is per op, not per value, and large tiles keep it fast.
 TILES = {"cuda": Tiles(single=8192, loop=4096, loop_block=1024),
          "cpu": Tiles(single=16384, loop=16384, loop_block=16384)}
 MIN_BLOCK = 16
-
-# Candidates for benchmarks/gpu_check.py --sweep (block, num_warps, programs_per_sm, l2_hints):
-# L2 hints alone; persistent grids small enough that the rows in flight may stay in
-# L2 between passes; and, for rows that fit one block, warps and persistence.
-SWEEP_SPACE = [(1024, 4, 0, True), (1024, 4, 4, True), (2048, 8, 2, True), (4096, 8, 2, True),
-               (4096, 16, 1, True), (4096, 8, 0, False), (4096, 4, 4, False), (4096, 4, 8, False)]
 
 
 def _next_pow2(n: int) -> int:
@@ -80,21 +73,7 @@ def launch_config(num_classes: int, num_levels: int, device_type: str) -> Launch
         block = max(MIN_BLOCK, min(tiles.loop // levels_padded, tiles.loop_block))
     values = block * levels_padded
     num_warps = 4 if values < 4096 else 8 if values == 4096 else 16
-    return LaunchConfig(block, num_warps, 0, False)
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _grid_size(num_rows: int, programs_per_sm: int, device: torch.device) -> int:
-    if programs_per_sm <= 0:
-        return num_rows
-    # The interpreter has no SMs: there a "persistent" grid is programs_per_sm programs.
-    units = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 1
-    return max(1, min(num_rows, programs_per_sm * units))
+    return LaunchConfig(block, num_warps)
 
 
 def _interpreted() -> bool:
@@ -132,25 +111,17 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"the Triton backend runs on cuda (or cpu under TRITON_INTERPRET=1), not {device_type}"
 
 
-def _check(student: Tensor, teacher: Tensor, target: Tensor) -> None:
-    if student.dtype not in STUDENT_DTYPES:
-        raise TypeError(
-            f"student_logits must be float32, bfloat16 or float16 for backend 'triton', got "
-            f"{student.dtype} (float64 runs on backend='reference', which 'auto' picks for it)"
-        )
-    if teacher.dtype not in TEACHER_DTYPES:
-        raise TypeError(f"teacher_logits must be a floating tensor for backend 'triton', got {teacher.dtype}")
-    if student.dim() != 2 or teacher.dim() != 3 or target.dim() != 1:
-        raise ValueError(
-            f"backend 'triton' takes student (N, C), teacher (L, N, C), target (N,), got "
-            f"{tuple(student.shape)}, {tuple(teacher.shape)}, {tuple(target.shape)}"
-        )
-
-
 def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
-            grad_scale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch."""
-    _check(student, teacher, target)
+            grad_scale: Optional[Tensor] = None,
+            need_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch.
+
+    With ``need_grad=False`` the kernel has no gradient pass (a compile-time flag) and no
+    N×C buffer is allocated: grad is None, loss and stats are the same bits.
+    """
+    # Any number of levels: the level count is a compile-time constant of the kernel.
+    check_kernel_inputs("triton", student, teacher, TEACHER_DTYPES, device_types=("cuda", "cpu"),
+                        max_levels=None)
     num_rows, num_classes = student.shape
     num_levels = teacher.shape[0]
     # Any row and level strides go to the kernel; a strided class axis is rare
@@ -158,30 +129,32 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
     if student.stride(1) != 1:
         student = student.contiguous()
     if teacher.stride(2) != 1:
-        teacher = teacher.contiguous()
+        # One head at L temperatures (level stride 0): copy the head, not L of it.
+        shared = teacher.stride(0) == 0
+        teacher = teacher[:1].contiguous().expand(num_levels, -1, -1) if shared else teacher.contiguous()
     target = target.contiguous()
 
     device = student.device
     loss = torch.empty(num_rows, dtype=torch.float32, device=device)
     log_likelihood = torch.empty(num_rows, dtype=torch.float32, device=device)
     agreement = torch.empty(num_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device)
+    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device) if need_grad else None
     if num_rows == 0:
         return loss, log_likelihood, agreement, grad
 
-    block, num_warps, programs_per_sm, l2_hints = launch_config(num_classes, num_levels, device.type)
+    block, num_warps = launch_config(num_classes, num_levels, device.type)
     taus = opts.temperatures
     betas = opts.expert_strengths
     # The constants are rounded to float32 from double, as make_params does in C++.
-    grid = (_grid_size(num_rows, programs_per_sm, device),)
-    triton_kernels.moe_kd_row_kernel[grid](
+    triton_kernels.moe_kd_row_kernel[(num_rows,)](
         student, student.stride(0),
         teacher, teacher.stride(0), teacher.stride(1),
         target,
         loss, log_likelihood, agreement,
-        grad, grad.stride(0),
-        grad if grad_scale is None else grad_scale.to(torch.float32),  # any pointer when unused
-        num_rows, num_classes, opts.ignore_index,
+        # Without a gradient the kernel never touches its pointer: the student stands in.
+        grad if need_grad else student, num_classes,
+        student if grad_scale is None else grad_scale.to(torch.float32),  # any pointer when unused
+        num_classes, opts.ignore_index,
         tuple(float(t) for t in taus),
         tuple(1.0 / t for t in taus),
         tuple(float(b) for b in betas),
@@ -196,8 +169,7 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
         HAS_EXPERT=opts.expert_weight != 0.0,
         HAS_GATE=opts.gate_weight != 0.0,
         HAS_GRAD_SCALE=grad_scale is not None,
-        KEEP="evict_last" if l2_hints else "",
-        LAST_USE="evict_first" if l2_hints else "",
+        NEED_GRAD=bool(need_grad),
         num_warps=num_warps,
     )
     return loss, log_likelihood, agreement, grad

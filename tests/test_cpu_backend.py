@@ -1,6 +1,8 @@
-"""The fused C++/OpenMP backend ("cpu") against the float64 oracle and the SPEC identities."""
+"""The fused C++/OpenMP backend ("cpu") against the float64 oracle and the identities of
+docs/math.md."""
 
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -80,7 +82,7 @@ def test_gradient_comes_back_in_the_student_dtype(dtype):
     case = make_case(4, 33, 1, dtype=dtype, teacher_dtype=torch.float32)
     loss, grad = _run(case.student, case.teacher, case.target, reduction="mean")
     assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.is_contiguous()
-    # Each row's gradient sums to zero (SPEC §3), up to the output rounding.
+    # Each row's gradient sums to zero (docs/math.md, gradient), up to the output rounding.
     assert grad.float().sum(-1).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
@@ -305,7 +307,7 @@ def test_out_of_range_target_gives_nan_row_not_a_bad_read():
     assert torch.isfinite(loss[1]) and torch.isfinite(grad[1]).all()
 
 
-# ---- identities (SPEC §4) ------------------------------------------------------------
+# ---- identities (docs/math.md, identities) ---------------------------------------------
 
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 def test_beta_zero_is_classic_kd(tau):
@@ -370,7 +372,7 @@ def test_other_devices_are_refused():
 
 def test_exp_and_log_match_libm():
     """The kernel's own exp (x <= 0) and log (x >= 1), at float32 arguments, against libm."""
-    ext, _ = cpu_backend._load()
+    ext = cpu_backend.EXTENSION.require("cpu")
     xs = (-87.0 * torch.linspace(0, 1, 6001) ** 2).tolist()            # float32 values, exactly
     worst = max(abs(ext.exp_for_test(x) - math.exp(x)) / math.exp(x) for x in xs)
     assert worst <= 3e-7   # ~3 ulp
@@ -392,13 +394,13 @@ def test_a_failed_build_is_reported(tmp_path):
         (csrc / rel).write_text("#error moekd_kernels test: this compiler refuses\n")
     with pytest.raises(Exception) as info:
         cpu_backend._build(csrc, tmp_path / "build", name="moekd_cpu_broken")
-    message = cpu_backend._failure_message(info.value)
+    message = cpu_backend._KERNEL.failure_message(info.value)
     assert "could not be built" in message and "this compiler refuses" in message
 
 
 def test_unavailable_kernel_falls_back_under_auto_and_raises_when_named(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "_extension", None)
-    monkeypatch.setattr(cpu_backend, "_failure", "the C++ CPU kernel could not be built: no compiler")
+    monkeypatch.setattr(cpu_backend.EXTENSION, "module", None)
+    monkeypatch.setattr(cpu_backend.EXTENSION, "failure", "the C++ CPU kernel could not be built: no compiler")
     assert BACKENDS["cpu"].unavailable_reason("cpu").endswith("no compiler")
     with pytest.raises(RuntimeError, match="no compiler"):
         resolve_backend("cpu", torch.device("cpu"))
@@ -417,11 +419,103 @@ def test_first_build_prints_one_line(tmp_path):
     # Reuse this process's build instead of compiling again: copy it into the fresh cache.
     import shutil
 
-    built = cpu_backend._cache_root() / f"cpu-{cpu_backend._environment_key()}"
+    built = cpu_backend.build_dir()
     shutil.copytree(built, tmp_path / built.name, ignore=shutil.ignore_patterns("lock"))
     (tmp_path / built.name / "sources.sha256").unlink()   # as if the sources had changed
     first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     assert first.stderr.count("moekd_kernels: building the C++ CPU kernel") == 1
+    assert re.search(r"moekd_kernels: built the C\+\+ CPU kernel in \d+ s", first.stderr), first.stderr
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "building" not in second.stderr
+
+
+# ---- need_grad=False: no gradient pass, no gradient buffer ------------------------------
+
+def _bitwise_equal(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype, teacher_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float64),
+                                                  (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("num_classes, num_levels", [(1, 1), (53, 3), (2500, 2)])
+def test_without_grad_loss_and_stats_are_the_same_bits(dtype, teacher_dtype, num_classes, num_levels):
+    case = make_case(9, num_classes, num_levels, dtype=dtype, teacher_dtype=teacher_dtype, seed=num_classes,
+                     ignore_frac=0.3, temperature=[0.7, 2.0, 6.0][:num_levels],
+                     expert_strength=[0.5, 30.0, 2.0][:num_levels])
+    target = case.target.clone()
+    target[1], target[4] = -100, num_classes   # an ignored and an out-of-range row too
+    s, t, y = flatten_inputs(case.student, case.teacher, target)
+    opts = _options(num_levels, temperature=[0.7, 2.0, 6.0][:num_levels],
+                    expert_strength=[0.5, 30.0, 2.0][:num_levels])
+    with_grad = cpu_backend.forward(s, t, y, opts, grad_scale=torch.tensor(0.25))
+    without = cpu_backend.forward(s, t, y, opts, grad_scale=torch.tensor(0.25), need_grad=False)
+    assert with_grad[3] is not None and without[3] is None
+    for got, want in zip(without[:3], with_grad[:3]):
+        assert _bitwise_equal(got, want)
+    assert torch.isnan(without[0][4]) and without[0][1] == 0
+
+
+# One process per measurement: the peak RSS of a process (VmHWM) only grows, so it is
+# reset through /proc/self/clear_refs after a warm-up call of the same shape.
+_PEAK_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from moekd_kernels import cpu_backend
+    from moekd_kernels.options import resolve_options
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    need_grad = sys.argv[1] == "grad"
+    N, C = 1024, 32768
+    g = torch.Generator().manual_seed(0)
+    student, teacher = 3 * torch.randn(N, C, generator=g), 3 * torch.randn(1, N, C, generator=g)
+    target = torch.randint(0, C, (N,), generator=g)
+    opts = resolve_options(1, temperature=4.0, expert_strength=2.0, level_weights=None, gate_weight=1.0,
+                           expert_weight=1.0, ignore_index=-100)
+    out = cpu_backend.forward(student, teacher, target, opts, need_grad=need_grad)   # warm-up
+    del out
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    out = cpu_backend.forward(student, teacher, target, opts, need_grad=need_grad)
+    print((status("VmHWM:") - before) / (N * C * 4))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc (Linux only)")
+def test_without_grad_peak_memory_is_far_below_one_gradient_buffer():
+    """N=1024, C=32768 float32, in a fresh process: without a gradient the call adds less
+    than a quarter of an N×C float32 buffer to the peak RSS; with one, at least the
+    gradient itself (which shows the measurement sees such a buffer)."""
+    def extra_buffers(mode):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return float(proc.stdout.split()[-1])
+
+    without, with_grad = extra_buffers("nograd"), extra_buffers("grad")
+    assert without < 0.25, f"need_grad=False added {without:.3f} N×C float32 buffers to the peak RSS"
+    assert with_grad >= 0.9, f"need_grad=True added only {with_grad:.3f} buffers: the measurement misses it"
+
+
+# ---- one teacher head at several temperatures (level stride 0) --------------------------
+
+@pytest.mark.parametrize("class_strided", [False, True])
+def test_teacher_shared_by_levels_is_read_in_place(class_strided):
+    """teacher_2d.unsqueeze(0).expand(L, N, C) gives the bits of the stacked teacher, and is
+    read without a copy (a class-strided head is copied once, not L times)."""
+    case = make_case(7, 1500, 1, seed=33, ignore_frac=0.2)
+    head = case.teacher.t().contiguous().t() if class_strided else case.teacher
+    shared = head.unsqueeze(0).expand(3, -1, -1)
+    assert shared.stride(0) == 0
+    opts = _options(3, temperature=[1.0, 2.0, 4.0], expert_strength=[0.5, 2.0, 8.0])
+    s, _, y = flatten_inputs(case.student, case.teacher, case.target)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = cpu_backend.forward(s, shared, y, opts)
+    copied = [e.input_shapes[0] for e in prof.events() if e.name == "aten::copy_"]
+    assert copied == ([[7, 1500]] if class_strided else []), copied
+    want = cpu_backend.forward(s, shared.contiguous(), y, opts)
+    for a, b in zip(got, want):
+        assert _bitwise_equal(a, b)

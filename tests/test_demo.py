@@ -107,3 +107,57 @@ def test_bad_options_are_rejected():
     for argv in (["--seeds", "0"], ["--betas", "-1"], ["--betas", "1,1"], ["--weak-fraction", "1.5"]):
         with pytest.raises(SystemExit):
             demo.config_from_args(parser.parse_args(argv))
+
+
+class TrainingStarted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Make any start of the demo's work visible: the dependency check must come first."""
+    def started(*args, **kwargs):
+        raise TrainingStarted
+
+    monkeypatch.setattr(demo, "resolve_backend", started)
+    monkeypatch.setattr(demo, "run_demo", started)
+
+
+def demo_args(argv):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("missing, argv, named", [
+    ("matplotlib", ["--plot", "demo.png"], "matplotlib (the --plot chart)"),
+    ("sklearn", [], "scikit-learn (the digits data)"),
+])
+def test_a_missing_dependency_fails_before_training_with_the_install_hint(
+        monkeypatch, no_training, missing, argv, named):
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import <missing>` raise ImportError
+    with pytest.raises(SystemExit) as exc:
+        demo.run(demo_args(argv))
+    message = str(exc.value)
+    assert named in message
+    assert 'pip install -e ".[demo]"' in message
+
+
+def test_matplotlib_is_not_required_without_plot(monkeypatch, no_training):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(TrainingStarted):
+        demo.run(demo_args(["--quick"]))
+
+
+def test_command_line_exits_at_once_when_matplotlib_is_missing(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = ("import sys; sys.modules['matplotlib'] = None\n"
+              "from moekd_kernels.__main__ import main\n"
+              "sys.exit(main(['demo', '--plot', 'demo.png']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "matplotlib (the --plot chart) not installed" in proc.stderr
+    assert 'pip install -e ".[demo]"' in proc.stderr
+    assert "%|" not in proc.stderr  # no progress bar: nothing was trained
+    assert not (tmp_path / "demo.png").exists()

@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,80 @@ def test_module_autocast():
     weight = model.student[0].weight
     assert weight.dtype == torch.float32 and weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_trl_gkd_distillation_runs_as_a_script_and_prints_finite_losses(tmp_path):
+    require("trl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "trl_gkd_distillation.py"), "--tiny",
+                           "--output-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = [float(v) for v in re.findall(r"^step \d+: loss (\S+)$", proc.stdout, re.M)]
+    assert len(losses) == 6, proc.stdout  # --tiny runs 6 optimizer steps, one line each
+    assert all(math.isfinite(v) for v in losses), losses
+    assert "6 steps, losses finite" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("num_items_in_batch", [None, 37])
+def test_trl_forward_kl_has_our_gradient_at_beta_zero(dtype, temperature, num_items_in_batch):
+    """TRL's GKD divergence at beta=0 is the token mean of KL(softmax(t/τ) ‖ softmax(s/τ)).
+
+    Ours with expert_strength=0, expert_weight=0 and gate_weight=1/τ² has the same gradient
+    (docs/math.md, Extensions), and its value is larger by the teacher's entropy H(π)
+    averaged the same way.
+    """
+    require("trl")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.gkd import GKDTrainer
+
+    gen = torch.Generator().manual_seed(7)
+    batch, positions, vocab = 3, 9, 50
+    student = (3 * torch.randn(batch, positions, vocab, generator=gen, dtype=dtype)).requires_grad_()
+    teacher = 3 * torch.randn(batch, positions, vocab, generator=gen, dtype=dtype)
+    labels = torch.randint(vocab, (batch, positions), generator=gen)
+    labels[0, :4] = -100            # a prompt
+    labels[2, 6:] = -100            # padding
+
+    trl_loss = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=0.0,
+                                               temperature=temperature,
+                                               num_items_in_batch=num_items_in_batch)
+    (trl_grad,) = torch.autograd.grad(trl_loss, student)
+    ours = fused_moe_kd_loss(student, teacher, labels, temperature=temperature, expert_strength=0.0,
+                             expert_weight=0.0, gate_weight=1.0 / temperature**2,
+                             num_items_in_batch=num_items_in_batch)
+    (our_grad,) = torch.autograd.grad(ours, student)
+
+    # float32: the kernels' rounding; float64: the reference, exact to rounding.
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (our_grad - trl_grad).abs().max() <= tol * trl_grad.abs().max()
+    assert our_grad.abs().sum() > 0
+
+    log_pi = torch.log_softmax(teacher.double() / temperature, dim=-1)
+    entropy = -(log_pi.exp() * log_pi).sum(-1)[labels != -100]
+    divisor = entropy.numel() if num_items_in_batch is None else num_items_in_batch
+    torch.testing.assert_close(ours.double() - trl_loss.double(), entropy.sum() / divisor,
+                               rtol=tol, atol=tol)
+
+
+def test_ddp_distillation_equals_one_process(tmp_path):
+    """Two gloo ranks with DDP and num_items_in_batch train the same weights as one process
+    on the whole batch."""
+    script = str(EXAMPLES / "ddp_distillation.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, "--tiny", "--save", str(one)], check=True, timeout=180,
+                   env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    script, "--tiny", "--save", str(two)], check=True, timeout=300, env=env)
+    single, ddp = torch.load(one), torch.load(two)
+    assert single.keys() == ddp.keys()
+    for name in single:
+        assert torch.allclose(single[name], ddp[name], rtol=1e-5, atol=1e-6), name
+    # The run changed the weights: a comparison of two untouched initialisations would pass.
+    _, initial = load_example("ddp_distillation").make_models(16, 50)
+    assert not torch.allclose(initial.weight, single["weight"], atol=1e-3)

@@ -189,3 +189,46 @@ def test_float64_stays_float64_and_low_precision_accumulates_in_float32():
     assert loss64.dtype == torch.float64 and grad64.dtype == torch.float64
     # float32 accumulation: the bf16 result matches float64 on the same (rounded) inputs.
     assert rel_err(loss, loss64) <= 1e-6
+
+
+@pytest.mark.parametrize("block_elements", [1, 30, 1 << 18])
+def test_row_blocks_do_not_change_the_result(monkeypatch, block_elements):
+    """The reference computes a block of rows at a time (its memory stays a few blocks);
+    rows are independent, so any block size gives the same numbers (up to the order of
+    vectorised sums), the oracle's."""
+    from moekd_kernels import reference
+
+    case = make_case(7, 10, 2, dtype=torch.float64, seed=31, temperature=[1.0, 3.0])
+    s, t, y = flatten_inputs(case.student, case.teacher, case.target)
+    opts = _opts(case, 2)
+    whole = reference_forward(s, t, y, opts, torch.tensor(0.5, dtype=torch.float64))
+    monkeypatch.setattr(reference, "_BLOCK_ELEMENTS", block_elements)
+    blocked = reference_forward(s, t, y, opts, torch.tensor(0.5, dtype=torch.float64))
+    for a, b in zip(blocked, whole):
+        assert rel_err(a, b) <= 1e-15
+    exp_loss, exp_grad, _, _ = naive_oracle(case)
+    assert rel_err(blocked[0], exp_loss) <= 1e-9 and rel_err(blocked[3], 0.5 * exp_grad) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_without_need_grad_no_gradient_and_the_same_rows(dtype):
+    case = make_case(9, 12, 3, dtype=dtype, seed=32)
+    s, t, y = flatten_inputs(case.student, case.teacher, case.target)
+    opts = _opts(case, 3)
+    with_grad = reference_forward(s, t, y, opts)
+    loss, ll, agreement, grad = reference_forward(s, t, y, opts, need_grad=False)
+    assert grad is None and with_grad[3] is not None
+    for a, b in zip((loss, ll, agreement), with_grad[:3]):
+        assert torch.equal(a, b)
+
+
+def test_teacher_levels_of_stride_0_read_in_place():
+    """One head at three temperatures: a stride-0 level view equals the stacked copy."""
+    case = make_case(6, 8, 1, dtype=torch.float64, seed=33)
+    s, t, y = flatten_inputs(case.student, case.teacher, case.target)
+    opts = resolve_options(3, temperature=[1.0, 2.0, 5.0], expert_strength=[0.0, 1.0, 3.0], level_weights=None,
+                           gate_weight=0.6, expert_weight=1.3, ignore_index=-100)
+    view = t[0].unsqueeze(0).expand(3, -1, -1)
+    assert view.stride(0) == 0
+    for a, b in zip(reference_forward(s, view, y, opts), reference_forward(s, view.contiguous(), y, opts)):
+        assert torch.equal(a, b)

@@ -67,7 +67,7 @@ def test_launch_table(device_type):
     tiles = triton_backend.TILES[device_type]
     for num_classes in (1, 2, 100, 4096, 4097, 8193, 16385, 131073):
         for num_levels in (1, 2, 3, 5):
-            block, num_warps, _, _ = triton_backend.launch_config(num_classes, num_levels, device_type)
+            block, num_warps = triton_backend.launch_config(num_classes, num_levels, device_type)
             levels_padded = 1 << (num_levels - 1).bit_length()
             assert block & (block - 1) == 0 and block >= triton_backend.MIN_BLOCK
             assert num_warps in (4, 8, 16) and block * levels_padded <= tiles.single
@@ -102,17 +102,6 @@ def test_multi_block_with_small_tiles(small_tile, num_levels):
     assert triton_backend.launch_config(127, num_levels, DEVICE)[0] < 127
     case = make_case(6, 127, num_levels, device=DEVICE, seed=3, level_weights=[1.0, 0.0, 2.0][:num_levels])
     check_backend("triton", case)
-
-
-@pytest.mark.parametrize("programs_per_sm,l2_hints", [(1, True), (3, False)])
-def test_persistent_grid_and_l2_hints(monkeypatch, programs_per_sm, l2_hints):
-    """Fewer programs than rows: each program walks its rows (ignored ones included), with
-    both the single-block and the multi-block path. On the CPU a "SM" is one program."""
-    for num_classes, block in [(100, 128), (100, 32)]:
-        config = triton_backend.LaunchConfig(block, 4, programs_per_sm, l2_hints)
-        monkeypatch.setattr(triton_backend, "launch_config", lambda *args, _c=config: _c)
-        case = make_case(7, num_classes, 2, device=DEVICE, seed=num_classes + block, ignore_frac=0.3)
-        check_backend("triton", case)
 
 
 def test_masked_classes_in_whole_blocks(small_tile):
@@ -401,3 +390,57 @@ def test_grad_scale_multiplies_the_gradient_in_float32(dtype):
     ref = triton_backend.forward(case.student.float(), teacher.float(), case.target, opts)[3]
     torch.testing.assert_close(scaled[3].float(), (ref * factor).to(dtype).float(), rtol=2.0 ** -7, atol=1e-12)
     assert (scaled[3][case.target == -100] == 0).all()
+
+
+def _same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("multi_block", [False, True], ids=["single-block", "multi-block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_grad_loss_and_stats_are_the_same_bits(monkeypatch, multi_block, dtype):
+    """need_grad=False compiles the kernel without its gradient pass and allocates no
+    gradient: grad is None; loss and stats equal the gradient run's to the bit,
+    ignored and out-of-range rows included."""
+    if multi_block:
+        monkeypatch.setitem(triton_backend.TILES, DEVICE, triton_backend.Tiles(32, 32, 32))
+    case = make_case(6, 70, 2, dtype=dtype, device=DEVICE, seed=21, ignore_frac=0.0,
+                     temperature=[1.0, 3.0], expert_strength=[0.5, 30.0])
+    target = case.target.clone()
+    target[1], target[4] = -100, 70
+    opts = _opts(2, temperature=[1.0, 3.0], expert_strength=[0.5, 30.0])
+    factor = torch.tensor(0.25, device=DEVICE)
+    with_grad = triton_backend.forward(case.student, case.teacher, target, opts, factor)
+    without = triton_backend.forward(case.student, case.teacher, target, opts, factor, need_grad=False)
+    assert with_grad[3] is not None and without[3] is None
+    for got, want in zip(without[:3], with_grad[:3]):
+        assert _same_bits(got, want)
+    assert without[0][1] == 0 and without[0][4].isnan()
+
+
+@pytest.mark.parametrize("class_strided", [False, True])
+def test_teacher_shared_by_levels_is_read_in_place(monkeypatch, class_strided):
+    """teacher_2d.unsqueeze(0).expand(L, N, C) reaches the kernel as that view (level stride
+    0, the head's own memory; a class-strided head is copied once, not L times) and gives
+    the bits of the stacked teacher."""
+    case = make_case(5, 70, 1, device=DEVICE, seed=34, ignore_frac=0.2)
+    head = case.teacher.t().contiguous().t() if class_strided else case.teacher
+    shared = head.unsqueeze(0).expand(3, -1, -1)
+    opts = _opts(3, temperature=[1.0, 2.0, 4.0], expert_strength=[0.5, 2.0, 8.0])
+    kernel, seen = triton_backend.triton_kernels.moe_kd_row_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(args[2])  # the teacher
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_backend.triton_kernels, "moe_kd_row_kernel", Spy())
+    got = triton_backend.forward(case.student, shared, case.target, opts)
+    (teacher_arg,) = seen
+    assert teacher_arg.stride(0) == 0 and teacher_arg.shape == shared.shape
+    assert (teacher_arg.data_ptr() == head.data_ptr()) != class_strided
+    want = triton_backend.forward(case.student, shared.contiguous(), case.target, opts)
+    for a, b in zip(got, want):
+        assert _same_bits(a, b)

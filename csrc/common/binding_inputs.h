@@ -1,6 +1,6 @@
 // What the two PyTorch bindings (csrc/cpu/binding.cpp, csrc/cuda/binding.cpp) check
 // and prepare alike: the shapes of student (N, C), teacher (L, N, C) and target (N,),
-// the per-level options, rows with unit class stride, and the four fresh outputs.
+// the per-level options, rows with unit class stride, and the fresh outputs.
 // torch/extension.h only; the kernels themselves never include this file. The
 // Python backends check the user's arguments first: these checks guard the raw
 // pointers the kernels will read.
@@ -17,8 +17,8 @@ namespace moekd {
 namespace binding {
 
 // "[4, 10]". Error messages spell shapes with this rather than by streaming
-// t.sizes(): on the H100 machine (torch 2.11) a message built that way crashed
-// the process (diagnosed 2026-11-26; streaming a c10::Device was fine).
+// t.sizes(): on an H100 machine with torch 2.11 a message built that way crashed
+// the process (streaming a c10::Device was fine).
 inline std::string shape_of(const at::Tensor& t) {
   std::string out = "[";
   for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
@@ -53,16 +53,24 @@ inline RowInputs check_row_inputs(at::Tensor student, at::Tensor teacher, at::Te
                    "target must hold integer class indices, got ", target.scalar_type());
   // Rows are read through their stride; only a strided class dimension forces a copy.
   if (C > 1 && student.stride(1) != 1) student = student.contiguous();
-  if (C > 1 && teacher.stride(2) != 1) teacher = teacher.contiguous();
+  if (C > 1 && teacher.stride(2) != 1) {
+    // One teacher head at L temperatures arrives as a level-stride-0 view: copy the
+    // one head, never L of it.
+    teacher = teacher.stride(0) == 0 && L > 1
+                  ? teacher.select(0, 0).contiguous().unsqueeze(0).expand({L, N, C})
+                  : teacher.contiguous();
+  }
   return {student, teacher, target.to(at::kLong).contiguous(), N, C, L};
 }
 
 // loss, log_likelihood, agreement (N,) float32 and the gradient (N, C) in the
-// student's dtype, contiguous, on the student's device.
-inline std::vector<at::Tensor> allocate_outputs(const RowInputs& in) {
+// student's dtype, contiguous, on the student's device. Without need_grad the
+// gradient is an undefined tensor (None in Python): no N×C buffer at all.
+inline std::vector<at::Tensor> allocate_outputs(const RowInputs& in, bool need_grad) {
   const auto f32 = in.student.options().dtype(at::kFloat);
   return {at::empty({in.N}, f32), at::empty({in.N}, f32), at::empty({in.N}, f32),
-          at::empty({in.N, in.C}, in.student.options().memory_format(at::MemoryFormat::Contiguous))};
+          need_grad ? at::empty({in.N, in.C}, in.student.options().memory_format(at::MemoryFormat::Contiguous))
+                    : at::Tensor()};
 }
 
 }  // namespace binding

@@ -3,7 +3,7 @@
 // Framework-free on purpose: plain floats and a params struct, no PyTorch or
 // CUDA runtime headers, so `nvcc -c` and a host compiler both take it as is.
 //
-// One row, C classes, L levels (symbols as in the README's "How it works"):
+// One row, C classes, L levels (symbols as in docs/math.md, definitions):
 //   σ = softmax(s), q_ℓ = softmax(s/τ_ℓ), π_ℓ = softmax(t_ℓ/τ_ℓ)
 //   D_ℓc = 1 + expm1(β_ℓ) σ_c
 //   u_ℓc = w_ℓ π_ℓc exp(β_ℓ [c=y]) / D_ℓc,  G = Σ u,  r = u / G
@@ -11,8 +11,10 @@
 //   1. max and sum-exp of s, s/τ_ℓ and t_ℓ/τ_ℓ
 //   2. Σ over classes of the u-weighted terms, target apart   → RowSums
 //   3. the gradient, element by element (grad_base_term + the per-level terms)
-// and turns the pass-2 sums into loss and stats with finalize_row(), the one
-// place the loss, G and the agreement are formed, once per row.
+// and turns the pass-2 sums into loss and stats once per row: finalize_row_stats()
+// forms G and the stats, row_loss() the loss. They are the one home of those
+// formulas for both kernels (the CPU calls both through finalize_row(); the CUDA
+// kernel calls the first in every thread and the second in one, see moekd_row.h).
 // The per-element loops of passes 1–3 are written in each kernel, because each
 // vectorises them its own way (a polynomial exp under `omp simd` on the CPU,
 // exp2 per lane on the GPU); what they must compute is the RowSums field list
@@ -136,6 +138,7 @@ MOEKD_HD RowResult finalize_row_stats(const RowSums& s, const Params& p, float l
 // the loss keeps its relative precision whatever its size. (1 − σ_y)/σ_y is
 // expm1(−log σ_y), never 1/σ_y − 1 (σ_y may be e^−20000 for logits of 1e4).
 // Once per row, in double: a few transcendentals per level, nothing per class.
+// This is the one place the loss is formed, for the C++ and the CUDA kernel alike.
 MOEKD_HD float row_loss(const RowSums& s, const Params& p, double log_sigma_y) {
   // A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
   double loss = 0.0;  // the loss times G
@@ -179,6 +182,9 @@ MOEKD_HD RowResult finalize_row(const RowSums& s, const Params& p, double log_si
 // ∂loss/∂s_j = λ_e (σ_j A − [j = y])                                 (this term)
 //            + Σ_ℓ [ λ_e r_ℓj (1 − 1/D_ℓj) + λ_g τ_ℓ (R_ℓ q_ℓj − r_ℓj) ]  (per level)
 // with σ_j r_ℓj expm1(β)/D_ℓj written as r_ℓj (1 − 1/D_ℓj): bounded, no exp(β)·σ.
+// At j = y the expert part cancels once the experts saturate; each kernel then forms
+// that one element as λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy) + the gate terms, from its
+// own intermediates (CPU: target_gradient, in double; CUDA: fix_target_gradient).
 MOEKD_HD float grad_base_term(const Params& p, const RowResult& row, float sigma, bool is_target) {
   return p.expert_weight * (sigma * row.A - (is_target ? 1.0f : 0.0f));
 }

@@ -53,16 +53,16 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
                                     std::vector<double> expert_strengths,
                                     std::vector<double> level_weights, double gate_weight,
                                     double expert_weight, int64_t ignore_index,
-                                    int64_t num_threads, double grad_scale) {
+                                    int64_t num_threads, double grad_scale, bool need_grad) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && target.device().is_cpu(),
               "the cpu backend takes CPU tensors");
   const moekd::binding::RowInputs in = moekd::binding::check_row_inputs(
       student, teacher, target, temperatures, expert_strengths, level_weights, "cpu");
   const auto student_dtype = kernel_dtype(in.student, "student_logits", false);
   const auto teacher_dtype = kernel_dtype(in.teacher, "teacher_logits", true);
-  std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in);
+  std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in, need_grad);
   at::Tensor &loss = out[0], &log_likelihood = out[1], &agreement = out[2], &grad = out[3];
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  if (need_grad) advise_huge_pages(grad.data_ptr(), grad.nbytes());
 
   moekd::cpu::RowsArgs args;
   args.num_rows = in.N;
@@ -78,7 +78,7 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
   args.loss = loss.data_ptr<float>();
   args.log_likelihood = log_likelihood.data_ptr<float>();
   args.agreement = agreement.data_ptr<float>();
-  args.grad = grad.data_ptr();
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.grad_scale = static_cast<float>(grad_scale);
 
   const moekd::Params params =
@@ -99,8 +99,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moekd_kernels fused MoE-KD loss, C++/OpenMP CPU kernel";
   m.def("moe_kd_rows", &moe_kd_rows,
         "(student (N,C), teacher (L,N,C), target (N,), temperatures, expert_strengths, "
-        "level_weights, gate_weight, expert_weight, ignore_index, num_threads, grad_scale) -> "
-        "[loss, log_likelihood, agreement, grad_scale · grad]");
+        "level_weights, gate_weight, expert_weight, ignore_index, num_threads, grad_scale, need_grad) -> "
+        "[loss, log_likelihood, agreement, grad_scale · grad, or None without need_grad]");
   m.def("exp_for_test", &moekd::cpu::exp_for_test, "the kernel's exp, for accuracy tests");
   m.def("log_for_test", &moekd::cpu::log_for_test, "the kernel's log (x >= 1), for accuracy tests");
 }

@@ -12,10 +12,11 @@
 //      and added on its own, so its terms never cancel against the rest.
 //   3. the gradient from es, eq_ℓ and those factors: two multiply-adds per
 //      class and level, then the finished row is streamed to memory.
-// The loss comes from finalize_row (moekd_math.h), which forms it in double from
-// sums of one-signed terms; the target's gradient is finished here the same way
-// (the end of process_row). Both stay accurate when the experts saturate and
-// the textbook terms cancel.
+// Each pass is a function (pass1_exps, pass2_sums, pass3_gradient); process_row
+// strings them together. The loss comes from finalize_row (moekd_math.h), which
+// forms it in double from sums of one-signed terms; the target's gradient is
+// finished the same way (target_gradient). Both stay accurate when the experts
+// saturate and the textbook terms cancel.
 // exp and log are polynomial versions that GCC vectorises under `omp simd`;
 // both are within ~3 ulp of libm and keep the IEEE special cases (exp(−inf) = 0,
 // NaN in → NaN out), which is why the build avoids -ffast-math.
@@ -259,31 +260,29 @@ MOEKD_INLINE ClassTerms class_terms(float exp_t, float e, float x_scale, float l
   return t;
 }
 
+// What pass 1 leaves for passes 2 and 3 (the exps themselves are in the scratch rows).
+struct Pass1 {
+  const float* s;                  // the student row as float (in place, or the scratch row sf)
+  float s_max;                     // max_c s_c
+  double Zs;                       // Σ exp(s − max s)
+  double Zt[kMaxLevels];           // Σ exp(t_ℓ/τ_ℓ − max)
+  double Zq[kMaxLevels];           // Σ exp((s − max s)/τ_ℓ)
+};
+
+// Pass 1: maxima, then every exp of the row, each taken once and kept in the scratch
+// rows: es = exp(s − max s), eq_ℓ = exp((s − max s)/τ_ℓ), et_ℓ = exp(t_ℓ/τ_ℓ − max).
 template <typename TS, typename TT>
-void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
+Pass1 pass1_exps(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
   const int L = p.num_levels;
-  TS* grad_row = static_cast<TS*>(a.grad) + n * C;
-  const int64_t y = a.target[n];
-  if (y == p.ignore_index) {
-    a.loss[n] = a.log_likelihood[n] = a.agreement[n] = 0.0f;
-    std::memset(static_cast<void*>(grad_row), 0, sizeof(TS) * C);
-    return;
-  }
-  if (y < 0 || y >= C) {
-    a.loss[n] = a.log_likelihood[n] = a.agreement[n] = kNaN;
-    fill_row(grad_row, C, kNaN);
-    return;
-  }
-
-  // ---- pass 1: maxima, then every exp of the row ----
+  Pass1 r;
   const TS* s_in = static_cast<const TS*>(a.student) + n * a.student_row_stride;
-  const float* s;
   float s_max = -kInf;
   if (std::is_same<TS, float>::value) {
-    s = reinterpret_cast<const float*>(s_in);
+    const float* s = reinterpret_cast<const float*>(s_in);
 #pragma omp simd reduction(max : s_max)
     for (int64_t c = 0; c < C; ++c) s_max = s[c] > s_max ? s[c] : s_max;
+    r.s = s;
   } else {
     float* sf = sc.sf;
 #pragma omp simd reduction(max : s_max)
@@ -292,12 +291,13 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
       sf[c] = v;
       s_max = v > s_max ? v : s_max;
     }
-    s = sf;
+    r.s = sf;
   }
   // A NaN logit is skipped by max but reaches the sums through exp: NaN still propagates.
+  r.s_max = s_max;
 
-  double Zt[kMaxLevels], Zq[kMaxLevels];
   for (int l = 0; l < L; ++l) {
+    // A level stride of 0 (one teacher head at L temperatures) reads the same row L times.
     const TT* t_in = static_cast<const TT*>(a.teacher) + l * a.teacher_level_stride +
                      n * a.teacher_row_stride;
     float* et = sc.et[l];
@@ -309,36 +309,48 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
       et[c] = v;
       t_max = v > t_max ? v : t_max;
     }
-    Zt[l] = exp_scaled_sum(et, et, C, t_max, 1.0f);
+    r.Zt[l] = exp_scaled_sum(et, et, C, t_max, 1.0f);
   }
-  const double Zs = exp_scaled_sum(s, sc.es, C, s_max, 1.0f);
-  for (int l = 0; l < L; ++l) Zq[l] = exp_scaled_sum(s, sc.eq[l], C, s_max, p.inv_tau[l]);
+  r.Zs = exp_scaled_sum(r.s, sc.es, C, s_max, 1.0f);
+  for (int l = 0; l < L; ++l) r.Zq[l] = exp_scaled_sum(r.s, sc.eq[l], C, s_max, p.inv_tau[l]);
+  return r;
+}
 
-  const float s_y = s[y];  // s may live in the scratch row that pass 3 overwrites
-  const double log_sigma_y = (static_cast<double>(s_y) - s_max) - std::log(Zs);
-
-  // ---- pass 2: RowSums, level by level; et_ℓ becomes the pass-3 factor ----
-  // The target class is left out of the vectorised sums (its et is zeroed, so all
-  // its terms vanish) and added afterwards with its boost exp(β): no sum ever
-  // subtracts the target back out, and the rest G − Σ_ℓ u_ℓy stays exact for
-  // the target's gradient below.
-  const float lam_e = p.expert_weight;
+// What pass 2 leaves: the RowSums for finalize_row, and the per-level and target
+// terms that pass 3 and the target's gradient need.
+struct Pass2 {
   RowSums sums;
-  row_sums_clear(sums, L);
+  double u_rest;                       // Σ_ℓ Σ_{c≠y} u_ℓc
+  double level_scale[kMaxLevels];      // u_ℓc = level_scale · class_terms(...).u
+  double u_y[kMaxLevels];              // u_ℓy
+  double u_y_over_D[kMaxLevels];       // u_ℓy / D_ℓy
+};
+
+// Pass 2: RowSums, level by level; et_ℓ becomes the pass-3 factor of each class.
+// The target class is left out of the vectorised sums (its et is zeroed, so all
+// its terms vanish) and added afterwards with its boost exp(β): no sum ever
+// subtracts the target back out, and the rest G − Σ_ℓ u_ℓy stays exact for
+// the target's gradient.
+inline Pass2 pass2_sums(const Params& p, int64_t C, int64_t y, const Pass1& r1, const Scratch& sc) {
+  const int L = p.num_levels;
+  const float* s = r1.s;
+  const float s_max = r1.s_max;
+  const float s_y = s[y];
+  const float lam_e = p.expert_weight;
+  Pass2 r2;
+  row_sums_clear(r2.sums, L);
   double u_rest = 0.0;                    // Σ_ℓ Σ_{c≠y} u_ℓc
   double u_over_D = 0.0;                  // Σ_ℓc u_ℓc / D_ℓc
   double u_log_D_rest = 0.0;              // Σ_ℓ Σ_{c≠y} u_ℓc log D_ℓc
-  double level_scale[kMaxLevels];         // u_ℓc = level_scale · class_terms(...).u
-  double u_y[kMaxLevels] = {}, u_y_over_D[kMaxLevels] = {};
   for (int l = 0; l < L; ++l) {
     float* et = sc.et[l];
     const float* es = sc.es;
-    const float x_scale = static_cast<float>(p.expm1_beta[l] / Zs);  // x = expm1(β) σ = x_scale · es
+    const float x_scale = static_cast<float>(p.expm1_beta[l] / r1.Zs);  // x = expm1(β) σ = x_scale · es
     const float lam_e_x_scale = lam_e * x_scale;
     const float gate_tau = p.gate_weight * p.tau[l];
     const float inv_tau = p.inv_tau[l];
     // log q_ℓc = (s_c − max s)/τ − log Z_q; s_c − max s is exact near the max.
-    const float log_Zq = static_cast<float>(std::log(Zq[l]));
+    const float log_Zq = static_cast<float>(std::log(r1.Zq[l]));
     const float exp_t_y = et[y];
     et[y] = 0.0f;
     double sum_u = 0.0, sum_u_over_D = 0.0, sum_u_log_D = 0.0, sum_u_log_q = 0.0;
@@ -361,10 +373,10 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
       sum_u_log_D += acc_ulogD;
       sum_u_log_q += acc_ulogq;
     }
-    const double scale = p.level_weight[l] / Zt[l];  // w_ℓ π_ℓc = scale · et_ℓc
-    level_scale[l] = scale;
+    const double scale = p.level_weight[l] / r1.Zt[l];  // w_ℓ π_ℓc = scale · et_ℓc
+    r2.level_scale[l] = scale;
     u_rest += scale * sum_u;
-    u_log_D_rest += scale * sum_u_log_D;  // the target's log D is in finalize_row's closed form
+    u_log_D_rest += scale * sum_u_log_D;  // the target's log D is in row_loss's closed form
 
     // The target, boosted by exp(β).
     const ClassTerms ty = class_terms(exp_t_y, es[y], x_scale, lam_e_x_scale, gate_tau);
@@ -373,38 +385,38 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     sum_u += u_target;
     sum_u_over_D += boost * ty.u_over_D;
     if (ty.u != 0.0f)
-      sum_u_log_q += u_target * ((static_cast<double>(s_y) - s_max) * inv_tau - std::log(Zq[l]));
-    et[y] = 0.0f;  // pass 3 leaves g_y to the exact formula below
-    u_y[l] = scale * u_target;
-    u_y_over_D[l] = scale * boost * ty.u_over_D;
+      sum_u_log_q += u_target * ((static_cast<double>(s_y) - s_max) * inv_tau - std::log(r1.Zq[l]));
+    et[y] = 0.0f;  // pass 3 leaves g_y to target_gradient
+    r2.u_y[l] = scale * u_target;
+    r2.u_y_over_D[l] = scale * boost * ty.u_over_D;
 
     u_over_D += scale * sum_u_over_D;
-    sums.u_level[l] = static_cast<float>(scale * sum_u);
-    sums.u_log_q[l] = static_cast<float>(scale * sum_u_log_q);
-    sums.u_target[l] = static_cast<float>(u_y[l]);
+    r2.sums.u_level[l] = static_cast<float>(scale * sum_u);
+    r2.sums.u_log_q[l] = static_cast<float>(scale * sum_u_log_q);
+    r2.sums.u_target[l] = static_cast<float>(r2.u_y[l]);
   }
-  sums.u_rest = static_cast<float>(u_rest);
-  sums.u_over_D = static_cast<float>(u_over_D);
-  sums.u_log_D_rest = static_cast<float>(u_log_D_rest);
-  const RowResult row = finalize_row(sums, p, log_sigma_y);
-  a.loss[n] = row.loss;
-  a.log_likelihood[n] = row.log_likelihood;
-  a.agreement[n] = row.agreement;
+  r2.u_rest = u_rest;
+  r2.sums.u_rest = static_cast<float>(u_rest);
+  r2.sums.u_over_D = static_cast<float>(u_over_D);
+  r2.sums.u_log_D_rest = static_cast<float>(u_log_D_rest);
+  return r2;
+}
 
-  // ---- pass 3: the gradient ----
-  //   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
-  // Every term is linear in a per-row coefficient, so grad_scale rides on those
-  // coefficients (formed in double): the scaled gradient costs no extra pass or multiply.
-  float* g = std::is_same<TS, float>::value ? static_cast<float*>(sc.out) : sc.sf;
-  const double w = a.grad_scale;
-  const float sigma_coeff = static_cast<float>(w * (lam_e * row.A / Zs));  // λ_e A σ_j = · es_j
+// Pass 3: the gradient into g (floats), the target's element excepted:
+//   g_j = λ_e A σ_j − λ_e [j = y] + Σ_ℓ [ r_ℓj (λ_e x_ℓj/D_ℓj − λ_g τ_ℓ) + λ_g τ_ℓ R_ℓ q_ℓj ]
+// Every term is linear in a per-row coefficient, so grad_scale w rides on those
+// coefficients (formed in double): the scaled gradient costs no extra pass or multiply.
+inline void pass3_gradient(float* g, const Params& p, int64_t C, double w, const Pass1& r1, const Pass2& r2,
+                           const RowResult& row, const Scratch& sc) {
+  const int L = p.num_levels;
+  const float sigma_coeff = static_cast<float>(w * (p.expert_weight * row.A / r1.Zs));  // λ_e A σ_j = · es_j
   const float inv_G = row.inv_G;
   for (int l = 0; l < L; ++l) {
     const float* es = sc.es;
     const float* factor = sc.et[l];
     const float* eq = sc.eq[l];
-    const float q_coeff = static_cast<float>(w * (p.gate_weight * p.tau[l] * row.R[l] / Zq[l]));
-    const float r_coeff = static_cast<float>(w * (inv_G * level_scale[l]));  // r_ℓj = r_coeff · u_ℓj
+    const float q_coeff = static_cast<float>(w * (p.gate_weight * p.tau[l] * row.R[l] / r1.Zq[l]));
+    const float r_coeff = static_cast<float>(w * (inv_G * r2.level_scale[l]));  // r_ℓj = r_coeff · u_ℓj
     if (l == 0) {
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j)
@@ -414,21 +426,31 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
       for (int64_t j = 0; j < C; ++j) g[j] += mul_add(r_coeff, factor[j], q_coeff * eq[j]);
     }
   }
-  // At the target the expert part is λ_e (σ_y A − 1 + Σ_ℓ r_ℓy (1 − 1/D_ℓy)), which
-  // cancels to nearly 0 once the experts saturate (r_y → 1). With Σ_ℓ r_ℓy = 1 − u_rest/G
-  // it is λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy): no cancellation left.
-  {
-    double G = u_rest;
-    for (int l = 0; l < L; ++l) G += u_y[l];
-    double expert = std::exp(log_sigma_y) * row.A - u_rest / G;
-    double gate = 0.0;
-    for (int l = 0; l < L; ++l) {
-      expert -= u_y_over_D[l] / G;
-      const double q_y = std::exp((s_y - static_cast<double>(s_max)) * p.inv_tau[l]) / Zq[l];
-      gate += static_cast<double>(p.gate_weight) * p.tau[l] * (row.R[l] * q_y - u_y[l] / G);
-    }
-    g[y] = static_cast<float>(w * ((lam_e != 0.0f ? lam_e * expert : 0.0) + gate));
+}
+
+// The target's gradient element. Its expert part is λ_e (σ_y A − 1 + Σ_ℓ r_ℓy (1 − 1/D_ℓy)),
+// which cancels to nearly 0 once the experts saturate (r_y → 1). With
+// Σ_ℓ r_ℓy = 1 − u_rest/G it is λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy): no cancellation left.
+inline float target_gradient(const Params& p, double w, float s_y, double log_sigma_y, const Pass1& r1,
+                             const Pass2& r2, const RowResult& row) {
+  const int L = p.num_levels;
+  double G = r2.u_rest;
+  for (int l = 0; l < L; ++l) G += r2.u_y[l];
+  double expert = std::exp(log_sigma_y) * row.A - r2.u_rest / G;
+  double gate = 0.0;
+  for (int l = 0; l < L; ++l) {
+    expert -= r2.u_y_over_D[l] / G;
+    const double q_y = std::exp((s_y - static_cast<double>(r1.s_max)) * p.inv_tau[l]) / r1.Zq[l];
+    gate += static_cast<double>(p.gate_weight) * p.tau[l] * (row.R[l] * q_y - r2.u_y[l] / G);
   }
+  const float lam_e = p.expert_weight;
+  return static_cast<float>(w * ((lam_e != 0.0f ? lam_e * expert : 0.0) + gate));
+}
+
+// Converts the float gradient row to the output dtype (float rows are already in
+// sc.out) and streams it to the gradient.
+template <typename TS>
+void store_gradient(TS* grad_row, const float* g, int64_t C, const Scratch& sc) {
   if (!std::is_same<TS, float>::value) {
     TS* out = static_cast<TS*>(sc.out);
 #pragma omp simd
@@ -437,13 +459,50 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   stream_out(grad_row, sc.out, sizeof(TS) * C);
 }
 
+// One row: its special cases, then the three passes. a.grad == nullptr (need_grad
+// false) stops after pass 2: the loss and stats do not depend on pass 3.
+template <typename TS, typename TT>
+void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
+  const int64_t C = a.num_classes;
+  TS* grad_row = a.grad != nullptr ? static_cast<TS*>(a.grad) + n * C : nullptr;
+  const int64_t y = a.target[n];
+  if (y == p.ignore_index) {
+    a.loss[n] = a.log_likelihood[n] = a.agreement[n] = 0.0f;
+    if (grad_row != nullptr) std::memset(static_cast<void*>(grad_row), 0, sizeof(TS) * C);
+    return;
+  }
+  if (y < 0 || y >= C) {
+    a.loss[n] = a.log_likelihood[n] = a.agreement[n] = kNaN;
+    if (grad_row != nullptr) fill_row(grad_row, C, kNaN);
+    return;
+  }
+
+  const Pass1 r1 = pass1_exps<TS, TT>(a, p, n, sc);
+  const float s_y = r1.s[y];  // s may live in the scratch row that pass 3 overwrites
+  const double log_sigma_y = (static_cast<double>(s_y) - r1.s_max) - std::log(r1.Zs);
+  const Pass2 r2 = pass2_sums(p, C, y, r1, sc);
+  const RowResult row = finalize_row(r2.sums, p, log_sigma_y);
+  a.loss[n] = row.loss;
+  a.log_likelihood[n] = row.log_likelihood;
+  a.agreement[n] = row.agreement;
+  if (grad_row == nullptr) return;
+
+  float* g = std::is_same<TS, float>::value ? static_cast<float*>(sc.out) : sc.sf;
+  const double w = a.grad_scale;
+  pass3_gradient(g, p, C, w, r1, r2, row, sc);
+  g[y] = target_gradient(p, w, s_y, log_sigma_y, r1, r2, row);
+  store_gradient(grad_row, g, C, sc);
+}
+
 template <typename TS, typename TT>
 void run(const RowsArgs& a, const Params& p, int num_threads) {
   const int64_t N = a.num_rows, C = a.num_classes;
   if (N <= 0 || C <= 0) return;
   const int L = p.num_levels;
   const int64_t stride = (C + 15) & ~int64_t{15};  // 64-byte aligned rows
-  const int64_t rows_per_thread = 3 + 2 * static_cast<int64_t>(L);
+  const bool need_grad = a.grad != nullptr;
+  // es, eq_ℓ, et_ℓ, sf, and the output row only where a gradient is written.
+  const int64_t rows_per_thread = (need_grad ? 3 : 2) + 2 * static_cast<int64_t>(L);
   int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N)));
   // Allocated here, not inside the parallel region, so a bad_alloc reaches the caller.
@@ -463,7 +522,7 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
       sc.et[l] = mine + stride * (1 + L + l);
     }
     sc.sf = mine + stride * (1 + 2 * L);
-    sc.out = mine + stride * (2 + 2 * L);
+    sc.out = need_grad ? mine + stride * (2 + 2 * L) : nullptr;
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t n = 0; n < N; ++n) process_row<TS, TT>(a, p, n, sc);
   }

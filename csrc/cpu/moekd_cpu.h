@@ -35,7 +35,8 @@ struct RowsArgs {
   float* loss = nullptr;              // (N,) outputs, contiguous
   float* log_likelihood = nullptr;
   float* agreement = nullptr;
-  void* grad = nullptr;               // (N, C) in student_dtype, contiguous
+  void* grad = nullptr;               // (N, C) in student_dtype, contiguous; nullptr: no
+                                      // gradient pass (loss and stats bit-identical)
 
   // The gradient is written as grad_scale · ∂loss/∂s (a mean reduction's 1/n folded in,
   // so backward need not rescale N×C values). Ignored rows stay 0, bad rows NaN.

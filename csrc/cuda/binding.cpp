@@ -30,7 +30,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
                                 std::vector<double> temperatures, std::vector<double> expert_strengths,
                                 std::vector<double> level_weights, double gate_weight, double expert_weight,
                                 int64_t ignore_index, int64_t stream, int64_t path, int64_t prefetch,
-                                std::optional<at::Tensor> grad_scale) {
+                                std::optional<at::Tensor> grad_scale, bool need_grad) {
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda() && target.is_cuda(), "the cuda backend needs CUDA tensors");
   TORCH_CHECK(teacher.device() == student.device() && target.device() == student.device(),
               "student_logits, teacher_logits and target must be on one device");
@@ -50,7 +50,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   }
   const moekd_cuda::DType student_dtype = to_dtype(in.student, "student_logits");
   const moekd_cuda::DType teacher_dtype = to_dtype(in.teacher, "teacher_logits");
-  std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in);
+  std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in, need_grad);
   if (N == 0) return out;
   const at::Tensor &loss = out[0], &log_likelihood = out[1], &agreement = out[2], &grad = out[3];
 
@@ -66,7 +66,7 @@ std::vector<at::Tensor> forward(at::Tensor student, at::Tensor teacher, at::Tens
   args.loss = loss.data_ptr<float>();
   args.log_likelihood = log_likelihood.data_ptr<float>();
   args.agreement = agreement.data_ptr<float>();
-  args.grad = grad.data_ptr();
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
   args.grad_scale = scaled ? grad_scale->data_ptr<float>() : nullptr;
   args.num_rows = N;
   args.num_classes = C;
@@ -103,6 +103,6 @@ std::string describe_plan(int64_t device, int64_t num_classes, int64_t num_level
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "MoE-KD rows on CUDA: (loss, log_likelihood, agreement, grad)");
+  m.def("forward", &forward, "MoE-KD rows on CUDA: (loss, log_likelihood, agreement, grad or None)");
   m.def("describe_plan", &describe_plan, "the launch plan for (device, C, L, student, teacher dtype, path)");
 }

@@ -9,17 +9,22 @@
 // shuffles, barriers and cluster exchange are the GPU's part alone.
 //
 // Usage: host_emulation IN OUT. IN (little-endian):
-//   int64[17]: N C L student_dtype teacher_dtype threads K use_cache
+//   int64[18]: N C L student_dtype teacher_dtype threads K use_cache
 //              student_row_stride teacher_level_stride teacher_row_stride
 //              student_offset teacher_offset grad_offset ignore_index prefetch has_grad_scale
-//              (dtypes: 0 float32, 1 bfloat16, 2 float16; offsets in elements)
+//              need_grad
+//              (dtypes: 0 float32, 1 bfloat16, 2 float16; offsets in elements; a teacher
+//              level stride of 0 is one teacher row shared by every level)
 //   float64[3L + 3]: temperatures, expert strengths, level weights, gate weight, expert weight,
 //              grad scale (passed to the kernel code as a float pointer if has_grad_scale,
 //              else as nullptr)
 //   student buffer: student_offset + (N-1)*student_row_stride + C elements
 //   teacher buffer: teacher_offset + (L-1)*teacher_level_stride + (N-1)*teacher_row_stride + C elements
 //   int64[N] target
-// OUT: float32[N] loss, float32[N] log_likelihood, float32[N] agreement, N*C grad elements.
+// OUT: float32[N] loss, float32[N] log_likelihood, float32[N] agreement, then N*C grad
+//      elements if need_grad. Without need_grad no gradient buffer exists: the kernel
+//      code gets the stand-in address the kernel gets (no_grad_base), and any write
+//      through it faults.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,14 +64,14 @@ size_t elem_size(long long dtype) { return dtype == 0 ? 4 : 2; }
 
 struct Job {
   long long N, C, L, sd, td, threads, K, use_cache, s_stride, t_lstride, t_rstride, s_off, t_off, g_off,
-      ignore_index, prefetch;
+      ignore_index, prefetch, need_grad;
   moekd::Params params;
   const float* grad_scale;  // nullptr or a heap float (so ASan sees the one-element read)
   Buffer* student;
   Buffer* teacher;
   std::vector<long long> target;
   std::vector<float> loss, ll, agreement;
-  Buffer* grad;  // g_off sentinel elements, then N*C
+  Buffer* grad;  // g_off sentinel elements, then N*C; nullptr without need_grad
 };
 
 template <class TS, class TT>
@@ -82,7 +87,9 @@ void run(Job& job) {
 
   const TS* student = reinterpret_cast<const TS*>(job.student->data) + job.s_off;
   const TT* teacher = reinterpret_cast<const TT*>(job.teacher->data) + job.t_off;
-  TS* grad = reinterpret_cast<TS*>(job.grad->data) + job.g_off;
+  // As the launcher passes it: a stand-in address when there is no gradient.
+  TS* grad = job.grad != nullptr ? reinterpret_cast<TS*>(job.grad->data) + job.g_off
+                                 : static_cast<TS*>(no_grad_base());
 
   for (long long row = 0; row < job.N; ++row) {
     std::vector<RowCtx<TS, TT>> ctx(G);
@@ -111,7 +118,8 @@ void run(Job& job) {
     for (auto& r : ctx) r.y = kind == 0 ? static_cast<int>(y) : 0;
     if (kind != 0) {
       const float value = kind == 1 ? 0.0f : bits_to_float(0x7fc00000u);
-      for (auto& r : ctx) fill_grad(r, value);
+      if (job.need_grad)
+        for (auto& r : ctx) fill_grad(r, value);
       job.loss[row] = job.ll[row] = job.agreement[row] = value;
       continue;
     }
@@ -145,12 +153,16 @@ void run(Job& job) {
       add_level_totals(rc, merged);
       for (auto& lc : lcs) publish_pass2(lc.data(), l, merged);
     }
-    const moekd::RowResult res = finalize(lcs[0].data(), rc, kc.p);
-    job.loss[row] = res.loss;
+    const moekd::RowResult res = finalize_stats(lcs[0].data(), rc, kc.p);
+    job.loss[row] = finalize_loss(lcs[0].data(), rc, kc.p);
     job.ll[row] = res.log_likelihood;
     job.agreement[row] = res.agreement;
+    if (!job.need_grad) continue;
     for (auto& lc : lcs) publish_R(lc.data(), res, L);
-    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, read_grad_scale(job.grad_scale));
+    const float w = read_grad_scale(job.grad_scale);
+    for (int g = 0; g < G; ++g) pass3(ctx[g], kc.p, rc, res, w);
+    for (int g = 0; g < G; ++g)
+      if (owns_class(ctx[g], ctx[g].y)) fix_target_gradient(ctx[g], kc.p, rc, res, w);
   }
 }
 
@@ -170,7 +182,7 @@ int main(int argc, char** argv) {
   if (argc != 3) die("usage: host_emulation IN OUT");
   FILE* in = fopen(argv[1], "rb");
   if (!in) die("cannot open input");
-  long long h[17];
+  long long h[18];
   read_exact(in, h, sizeof h);
   Job job;
   job.N = h[0];
@@ -190,6 +202,7 @@ int main(int argc, char** argv) {
   job.ignore_index = h[14];
   job.prefetch = h[15];
   const bool has_grad_scale = h[16] != 0;
+  job.need_grad = h[17];
   if (job.L < 1 || job.L > moekd::kMaxLevels || job.C < 1 || job.N < 1) die("bad sizes");
   std::vector<double> opts(3 * job.L + 3);
   read_exact(in, opts.data(), opts.size() * sizeof(double));
@@ -206,12 +219,12 @@ int main(int argc, char** argv) {
   read_exact(in, job.target.data(), job.N * sizeof(long long));
   fclose(in);
 
-  const size_t g_len = job.g_off + job.N * job.C;
+  const size_t g_len = job.need_grad ? job.g_off + job.N * job.C : 0;
   Buffer grad(g_len * elem_size(job.sd));
   memset(grad.data, 0x7f, grad.size);  // sentinel: every element must be overwritten
   job.student = &student;
   job.teacher = &teacher;
-  job.grad = &grad;
+  job.grad = job.need_grad ? &grad : nullptr;
   job.loss.assign(job.N, 0.0f);
   job.ll.assign(job.N, 0.0f);
   job.agreement.assign(job.N, 0.0f);
@@ -223,7 +236,7 @@ int main(int argc, char** argv) {
     default: die("bad student dtype");
   }
 
-  for (size_t i = 0; i < job.g_off * elem_size(job.sd); ++i)
+  for (size_t i = 0; job.need_grad && i < job.g_off * elem_size(job.sd); ++i)
     if (grad.data[i] != 0x7f) die("wrote before the gradient's first element");
 
   FILE* out = fopen(argv[2], "wb");
@@ -231,7 +244,7 @@ int main(int argc, char** argv) {
   fwrite(job.loss.data(), sizeof(float), job.N, out);
   fwrite(job.ll.data(), sizeof(float), job.N, out);
   fwrite(job.agreement.data(), sizeof(float), job.N, out);
-  fwrite(grad.data + job.g_off * elem_size(job.sd), elem_size(job.sd), job.N * job.C, out);
+  if (job.need_grad) fwrite(grad.data + job.g_off * elem_size(job.sd), elem_size(job.sd), job.N * job.C, out);
   fclose(out);
   return 0;
 }

@@ -277,7 +277,7 @@ const char* make_plan(int device, long long C, int L, DType sd, DType td, int pa
     // The fewest blocks whose shares fit the budget. Past 8 blocks (a row of more than
     // 8 x 96 KB, e.g. fp32 C=131072) 16 blocks of 64 KB give each SM three blocks to
     // hide memory latency with, where 8 blocks of 128 KB leave one; when 16 cannot be
-    // scheduled, 8 with more shared memory per block (today's plan), then streaming.
+    // scheduled, 8 with more shared memory per block, then streaming.
     int K = 2;
     while (K < kMaxClusterBlocks && ceil_div(row_bytes, K) > kBlockCacheBudget) K *= 2;
     ClusterFit fit = plan_cluster(device, dyn_max, chunks, vpc, K, plan);
@@ -350,8 +350,9 @@ const char* launch(const LaunchArgs& args) {
   k.loss = args.loss;
   k.log_likelihood = args.log_likelihood;
   k.agreement = args.agreement;
-  k.grad = args.grad;
+  k.grad = args.grad != nullptr ? args.grad : moekd::cuda_row::no_grad_base();
   k.grad_scale = args.grad_scale;
+  k.need_grad = args.grad != nullptr ? 1 : 0;
   k.num_rows = args.num_rows;
   k.student_row_stride = args.student_row_stride;
   k.teacher_level_stride = args.teacher_level_stride;

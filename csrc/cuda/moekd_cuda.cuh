@@ -30,7 +30,7 @@ struct KernelArgs {
   float* loss;
   float* log_likelihood;
   float* agreement;
-  void* grad;
+  void* grad;                 // no_grad_base() when need_grad is 0
   const float* grad_scale;    // device scalar multiplying the gradient; nullptr = 1
   long long num_rows;
   long long student_row_stride;
@@ -40,6 +40,7 @@ struct KernelArgs {
   int cluster_size;           // blocks per row (block rows); 1 without a cluster launch
   int use_cache;              // keep each thread's chunks in shared memory
   int prefetch;               // with the cache: fill it with async copies before pass 1
+  int need_grad;              // 0: no pass 3 and no gradient writes (loss and stats unchanged)
   int cache_slots;            // chunks per thread the cache holds
   long long group_cache_vecs; // Vec16 per row group (warp rows: per warp)
   KernelConsts kc;
@@ -73,7 +74,7 @@ struct SumOps {
   __device__ __forceinline__ State identity() const { return level_sums_identity(); }
   __device__ __forceinline__ State shfl(const State& a, int mask) const {
     return {shfl_xor(a.u_rest, mask), shfl_xor(a.u_target, mask), shfl_xor(a.u_over_D, mask),
-            shfl_xor(a.u_log_D, mask), shfl_xor(a.u_log_q, mask)};
+            shfl_xor(a.u_log_D_rest, mask), shfl_xor(a.u_log_q, mask)};
   }
   __device__ __forceinline__ void merge(State& a, const State& b) const { level_sums_merge(a, b); }
 };
@@ -204,7 +205,7 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
 
   if (kind != 0) {  // the same for the whole group: the row's target decides
     const float value = kind == 1 ? 0.0f : bits_to_float(0x7fc00000u);
-    fill_grad(r, value);
+    if (a.need_grad) fill_grad(r, value);
     if (r.gi == 0) {
       a.loss[row] = value;
       a.log_likelihood[row] = value;
@@ -238,16 +239,19 @@ moe_kd_kernel(const __grid_constant__ KernelArgs a) {
   }
   group_sync<kWarpRows>();
 
-  const RowResult res = finalize(r.lc, rc, a.kc.p);
+  const RowResult res = finalize_stats(r.lc, rc, a.kc.p);
   if (r.gi == 0) {
-    a.loss[row] = res.loss;
+    a.loss[row] = finalize_loss(r.lc, rc, a.kc.p);
     a.log_likelihood[row] = res.log_likelihood;
     a.agreement[row] = res.agreement;
   }
+  if (!a.need_grad) return;  // the same for every thread: no barrier is left waiting
   if (leader) publish_R(r.lc, res, r.L);
   group_sync<kWarpRows>();
 
-  pass3(r, a.kc.p, rc, res, read_grad_scale(a.grad_scale));
+  const float w = read_grad_scale(a.grad_scale);
+  pass3(r, a.kc.p, rc, res, w);
+  if (owns_class(r, r.y)) fix_target_gradient(r, a.kc.p, rc, res, w);
 }
 
 }  // namespace cuda_kernel

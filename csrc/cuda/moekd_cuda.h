@@ -32,7 +32,8 @@ struct LaunchArgs {
   float* loss;                         // (N,) contiguous
   float* log_likelihood;               // (N,)
   float* agreement;                    // (N,)
-  void* grad;                          // (N, C) contiguous, student dtype
+  void* grad;                          // (N, C) contiguous, student dtype; nullptr: no gradient
+                                       // pass (loss and stats bit-identical)
   const float* grad_scale;             // device scalar w: grad = w · ∂loss/∂s; nullptr = 1
   long long num_rows;
   long long num_classes;

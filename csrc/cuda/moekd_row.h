@@ -203,7 +203,7 @@ inline KernelConsts make_kernel_consts(const Params& params) {
     if (l < params.num_levels) {
       k.k2[l] = static_cast<float>(1.4426950408889634 * static_cast<double>(params.inv_tau[l]));
     } else {
-      // finalize() runs all kMaxLevels levels (see there): unused ones must add 0.
+      // Zero: any loop that runs to kMaxLevels adds nothing for an unused level.
       k.p.tau[l] = k.p.inv_tau[l] = k.p.beta[l] = k.p.exp_beta[l] = 0.0f;
       k.p.expm1_beta[l] = k.p.level_weight[l] = 0.0f;
       k.k2[l] = 0.0f;
@@ -233,7 +233,7 @@ struct RowConsts {
   float s_lse, s_lse2;
   float log_sigma_y;  // log σ_y = (s_y − s_max) − s_lse
   // pass-2 sums over all levels (the per-level ones are in LevelConsts)
-  float u_rest, u_over_D, u_log_D;
+  float u_rest, u_over_D, u_log_D_rest;
 };
 
 MOEKD_HD void leader_init_levels(LevelConsts* lc, const KernelConsts& kc) {
@@ -337,6 +337,12 @@ struct RowCtx {
     return cache + base + (static_cast<long long>(j) * vecs + v) * cache_width + cache_tid;
   }
 };
+
+// The gradient's base address when there is none (need_grad = 0), never dereferenced.
+// plan_layout aligns a row's chunks for its gradient row too; every PyTorch allocation
+// is at least 256-byte aligned, like this address, so the row layout, the order of the
+// sums and their bits are those of a call with a gradient.
+inline void* no_grad_base() { return reinterpret_cast<void*>(uintptr_t{256}); }
 
 template <class T>
 MOEKD_HD bool aligned16(const T* p) {
@@ -483,7 +489,7 @@ MOEKD_HD RowConsts row_consts(const Pass1Level& level0, float s_y) {
   rc.s_lse = logf(level0.s_sum);
   rc.s_lse2 = log2f(level0.s_sum);
   rc.log_sigma_y = (s_y - rc.s_max) - rc.s_lse;
-  rc.u_rest = rc.u_over_D = rc.u_log_D = 0.0f;
+  rc.u_rest = rc.u_over_D = rc.u_log_D_rest = 0.0f;
   return rc;
 }
 
@@ -499,10 +505,9 @@ MOEKD_HD void publish_pass1(LevelConsts* lc, int l, const Pass1Level& merged) {
 // ---- pass 2: u-weighted sums, per level -------------------------------------------------
 
 // One thread's (or, merged, the row's) sums for one level: moekd::RowSums split by
-// level, the target's u apart from the rest. u_log_D still covers every class: it
-// feeds this kernel's own loss (see finalize), not moekd::row_loss.
+// level, the target's u (and its log D) apart from the rest, as moekd::row_loss needs.
 struct LevelSums {
-  float u_rest, u_target, u_over_D, u_log_D, u_log_q;
+  float u_rest, u_target, u_over_D, u_log_D_rest, u_log_q;
 };
 
 MOEKD_HD LevelSums level_sums_identity() { return {0.0f, 0.0f, 0.0f, 0.0f, 0.0f}; }
@@ -511,7 +516,7 @@ MOEKD_HD void level_sums_merge(LevelSums& a, const LevelSums& b) {
   a.u_rest += b.u_rest;
   a.u_target += b.u_target;
   a.u_over_D += b.u_over_D;
-  a.u_log_D += b.u_log_D;
+  a.u_log_D_rest += b.u_log_D_rest;
   a.u_log_q += b.u_log_q;
 }
 
@@ -529,10 +534,11 @@ MOEKD_HD void pass2_classes(LevelSums& s, const LevelConsts& c, const RowConsts&
     const float D = expert_normaliser(c.expm1_beta, sigma);
     const float inv_D = fast_rcp(D);
     const float u = c.weight * pi * (is_target ? c.exp_beta : 1.0f) * inv_D;
-    if (is_target) s.u_target += u;
-    else s.u_rest += u;
+    const float u_other = is_target ? 0.0f : u;  // the target's terms go to row_loss's closed form
+    s.u_target += u - u_other;
+    s.u_rest += u_other;
     s.u_over_D += u * inv_D;
-    s.u_log_D += u * (fast_log2(D) * kLn2);
+    s.u_log_D_rest += u_other * (fast_log2(D) * kLn2);
     s.u_log_q += u == 0.0f ? 0.0f : u * log_q;  // 0 · log 0 for a class masked in both
   }
 }
@@ -569,45 +575,42 @@ MOEKD_HD void publish_pass2(LevelConsts* lc, int l, const LevelSums& merged) {
 MOEKD_HD void add_level_totals(RowConsts& rc, const LevelSums& merged) {
   rc.u_rest += merged.u_rest;
   rc.u_over_D += merged.u_over_D;
-  rc.u_log_D += merged.u_log_D;
+  rc.u_log_D_rest += merged.u_log_D_rest;
 }
 
-// moekd::finalize_row_stats on the published sums, over all kMaxLevels levels: the
-// loop bound is then a compile-time constant, the loops unroll and RowSums/RowResult
-// stay in registers. Unused levels are zero (make_kernel_consts) and add nothing.
-// The loss is NOT moekd::row_loss yet: its double transcendentals (a log1p per
-// level) push the kernel past its 80-register cap into spills, so this kernel keeps
-// the textbook form log σ_y + Σ_ℓ β r_ℓy − Σ r log D, which loses relative
-// precision when the experts saturate (large β, large logits).
-MOEKD_HD RowResult finalize(const LevelConsts* lc, const RowConsts& rc, const Params& params) {
+// The row's moekd::RowSums from the published per-level sums and the row totals.
+// Loops run to the constant kMaxLevels (and stop at num_levels), so they unroll and
+// the sums stay in registers.
+MOEKD_HD RowSums gather_sums(const LevelConsts* lc, const RowConsts& rc, int num_levels) {
   RowSums sums;
   row_sums_clear(sums, kMaxLevels);
   sums.u_rest = rc.u_rest;
   sums.u_over_D = rc.u_over_D;
+  sums.u_log_D_rest = rc.u_log_D_rest;
   MOEKD_UNROLL
   for (int l = 0; l < kMaxLevels; ++l) {
-    if (l >= params.num_levels) break;
+    if (l >= num_levels) break;
     sums.u_level[l] = lc[l].u_level;
     sums.u_log_q[l] = lc[l].u_log_q;
     sums.u_target[l] = lc[l].u_target;
   }
-  Params p = params;
-  p.num_levels = kMaxLevels;
-  RowResult res = finalize_row_stats(sums, p, rc.log_sigma_y);
-  float boost_ll = 0.0f;  // Σ_ℓ β_ℓ r_ℓy
-  float gate_ce = 0.0f;   // Σ_ℓ τ² Σ_c r log q
-  MOEKD_UNROLL
-  for (int l = 0; l < kMaxLevels; ++l) {
-    boost_ll += p.beta[l] * sums.u_target[l] * res.inv_G;
-    gate_ce += p.tau[l] * p.tau[l] * sums.u_log_q[l] * res.inv_G;
-  }
-  const float expert_ll = rc.log_sigma_y + boost_ll - rc.u_log_D * res.inv_G;
-  // A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
-  float loss = 0.0f;
-  if (p.expert_weight != 0.0f) loss -= p.expert_weight * expert_ll;
-  if (p.gate_weight != 0.0f) loss -= p.gate_weight * gate_ce;
-  res.loss = loss;
-  return res;
+  return sums;
+}
+
+// The stats and what pass 3 needs (every thread): moekd::finalize_row_stats. The loss
+// is finalize_loss, apart, because only one thread needs it.
+MOEKD_HD RowResult finalize_stats(const LevelConsts* lc, const RowConsts& rc, const Params& p) {
+  return finalize_row_stats(gather_sums(lc, rc, p.num_levels), p, rc.log_sigma_y);
+}
+
+// The row's loss: moekd::row_loss, the formula the CPU kernel uses too. It works in
+// double with a log1p per level, so the kernel calls it from one thread per row,
+// between passes 2 and 3, where only the row constants are live; its level loops
+// unroll (constant bound), so the sums stay in registers. ptxas (sm_90) reports no
+// spills and no stack frame at the kernel's 80-register cap, as
+// tests/test_cuda_backend.py checks.
+MOEKD_HD float finalize_loss(const LevelConsts* lc, const RowConsts& rc, const Params& p) {
+  return row_loss(gather_sums(lc, rc, p.num_levels), p, rc.log_sigma_y);
 }
 
 // Leader only: R_ℓ for pass 3.
@@ -693,6 +696,39 @@ MOEKD_HD void pass3(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& r
     }
     r.g[c] = Elem<TS>::from_float(g[0] * w);
   }
+}
+
+// Whether this thread wrote class c in pass 3 (its chunk, or its scalar item).
+template <class TS, class TT>
+MOEKD_HD bool owns_class(const RowCtx<TS, TT>& r, int c) {
+  const int end = r.head + kChunk * r.nchunks;
+  if (c >= r.head && c < end) return (c - r.head) / kChunk % r.G == r.gi;
+  return (c < r.head ? c : c - kChunk * r.nchunks) % r.G == r.gi;
+}
+
+// The target's gradient element, regrouped as the CPU kernel's target_gradient: pass 3's
+// λ_e (σ_y A − 1 + Σ_ℓ r_ℓy (1 − 1/D_ℓy)) cancels once the experts saturate (r_y → 1);
+// with 1 − Σ_ℓ r_ℓy = u_rest/G it is λ_e (σ_y A − u_rest/G − Σ_ℓ r_ℓy/D_ℓy). Once per
+// row, by the thread that wrote the element, after its pass 3; levels in a rolled loop
+// over the shared level constants.
+template <class TS, class TT>
+MOEKD_HD void fix_target_gradient(const RowCtx<TS, TT>& r, const Params& p, const RowConsts& rc,
+                                  const RowResult& res, float w) {
+  const float d = Elem<TS>::to_float(r.s[r.y]) - rc.s_max;
+  const float sigma = exp2f(fmaf(d, kLog2e, -rc.s_lse2));
+  float expert = fmaf(sigma, res.A, -rc.u_rest * res.inv_G);
+  float gate = 0.0f;
+  for (int l = 0; l < r.L; ++l) {
+    const LevelConsts& c = r.lc[l];
+    const float pi = exp2f(fmaf(Elem<TT>::to_float(r.level(l)[r.y]) - c.t_max, c.k2, -c.t_lse2));
+    const float q = exp2f(fmaf(d, c.k2, -c.q_lse2));
+    const float inv_D = fast_rcp(expert_normaliser(c.expm1_beta, sigma));
+    const float r_y = c.weight * pi * c.exp_beta * inv_D * res.inv_G;
+    expert -= r_y * inv_D;
+    gate += c.gate_tau * (c.R * q - r_y);
+  }
+  // A zero weight drops its term, as in the loss: no 0 · inf.
+  r.g[r.y] = Elem<TS>::from_float(w * ((p.expert_weight != 0.0f ? p.expert_weight * expert : 0.0f) + gate));
 }
 
 // Ignored rows get a zero gradient row, rows with an out-of-range target a NaN one.

@@ -1,0 +1,187 @@
+"""Vocab-parallel MoE-KD over spawned gloo groups: every rank holds a class slice.
+
+Each world size runs in one spawn (starting processes costs seconds); the
+workers check their own results against the float64 oracle of the unsharded
+rows and raise on a mismatch, which the parent re-raises. Every spawn runs under
+a timeout: a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(worker, world: int, *args) -> None:
+    port = _free_port()
+    context = mp.start_processes(worker, args=(world, port) + args, nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"{world}-process run did not finish in {TIMEOUT_S} s (a hang?)")
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def _slices(num_classes: int, widths):
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    assert offsets[-1] == num_classes
+    return offsets
+
+
+# (world size) -> slice widths of an 11-class row: uneven, with a 1-class slice at three ranks.
+WIDTHS = {1: [11], 2: [5, 6], 3: [1, 6, 4]}
+
+
+def _conformance_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    from moekd_kernels import fused_moe_kd_loss, vocab_parallel
+    from oracle import Case, float64_oracle
+
+    num_classes, widths = 11, WIDTHS[world]
+    offsets = _slices(num_classes, widths)
+    group = dist.group.WORLD
+    for seed, (dtype, num_levels, reduction) in enumerate([
+        (torch.float32, 1, "none"), (torch.float32, 2, "mean"), (torch.float32, 2, "sum"),
+        (torch.bfloat16, 1, "none"), (torch.float32, 1, "mean"),
+    ]):
+        g = torch.Generator().manual_seed(seed)
+        student = (3 * torch.randn(2, 5, num_classes, generator=g)).to(dtype)
+        teacher_shape = (2, 5, num_classes) if num_levels == 1 else (num_levels, 2, 5, num_classes)
+        teacher = (3 * torch.randn(teacher_shape, generator=g)).to(dtype)
+        target = torch.randint(0, num_classes, (2, 5), generator=g)
+        target.view(-1)[:world] = torch.tensor(offsets[1:world + 1]) - 1  # last class of each slice
+        target.view(-1)[world:2 * world] = torch.tensor(offsets[:world])   # first class of each slice
+        target.view(-1)[-2] = -100
+        options = dict(temperature=[2.0, 3.0][:num_levels] if num_levels > 1 else 2.0,
+                       expert_strength=1.5, gate_weight=0.7, expert_weight=1.2)
+
+        lo, hi = offsets[rank], offsets[rank + 1]
+        shard = student[..., lo:hi].clone().requires_grad_(True)
+        loss, stats = fused_moe_kd_loss(shard, teacher[..., lo:hi], target, reduction=reduction,
+                                        process_group=group, return_stats=True, **options)
+        grad_out = (torch.rand(target.shape, generator=g, dtype=torch.float64) + 0.5
+                    if reduction == "none" else torch.tensor(2.0, dtype=torch.float64))
+        loss.backward(grad_out.to(loss.dtype))
+        comm = vocab_parallel.last_communicator
+        assert comm.calls == 4, comm.calls                              # 1 gather + 3 all-reduces
+        assert comm.bytes_per_row == 4 * (5 + 6 * num_levels), comm.bytes_per_row
+
+        exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(Case(student, teacher, target, options))
+        valid = (target.reshape(-1) != -100)
+        if reduction == "mean":
+            exp_loss, scale = exp_loss.sum() / valid.sum(), 2.0 / valid.sum()
+        elif reduction == "sum":
+            exp_loss, scale = exp_loss.sum(), 2.0
+        else:
+            scale = grad_out.reshape(-1, 1)
+        exp_grad = (exp_grad * scale)[:, lo:hi]
+        # The loss and stats are float32 sums of exactly representable inputs whatever the
+        # dtype; the gradient is rounded once to bf16 (8 bits) in the bf16 case.
+        grad_tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+        for name, got, want, tol in (
+            ("loss", loss, exp_loss, 1e-5),
+            ("log_likelihood", stats.log_likelihood, exp_ll, 1e-5),
+            ("agreement", stats.agreement, exp_agree, 1e-5),
+            ("grad", shard.grad.reshape(-1, hi - lo), exp_grad, grad_tol),
+        ):
+            got = got.detach().double().reshape(-1)
+            want = want.double().reshape(-1)
+            bound = tol * want.abs().max().clamp_min(1e-30) if name == "grad" else tol * want.abs() + 1e-7
+            err = (got - want).abs()
+            assert bool((err <= bound).all()), \
+                f"world {world} rank {rank} seed {seed} {name}: max err {float(err.max()):.3g}"
+        assert shard.grad.dtype == dtype
+    _check_sharded_top_k_teacher(rank, offsets)
+    dist.destroy_process_group()
+
+
+def _check_sharded_top_k_teacher(rank: int, offsets) -> None:
+    """A TopKTeacher holds global class indices, the same on every rank."""
+    from moekd_kernels import TopKTeacher, fused_moe_kd_loss
+
+    g = torch.Generator().manual_seed(11)
+    num_classes = offsets[-1]
+    student = 3 * torch.randn(6, num_classes, generator=g)
+    teacher_logits = 3 * torch.randn(6, num_classes, generator=g)
+    target = torch.randint(0, num_classes, (6,), generator=g)
+    indices = teacher_logits.topk(4, dim=-1).indices
+    values = torch.log_softmax(teacher_logits, -1).gather(1, indices)
+    teacher = TopKTeacher(indices, values, "logprobs")
+    lo, hi = offsets[rank], offsets[rank + 1]
+    shard = student[:, lo:hi].clone().requires_grad_(True)
+    loss = fused_moe_kd_loss(shard, teacher, target, process_group=dist.group.WORLD, reduction="sum")
+    loss.backward()
+    full = student.clone().requires_grad_(True)
+    expected = fused_moe_kd_loss(full, teacher, target, reduction="sum")
+    expected.backward()
+    assert abs(float(loss) - float(expected)) <= 1e-5 * abs(float(expected)), (float(loss), float(expected))
+    bound = 1e-5 * full.grad.abs().max()
+    assert bool(((shard.grad - full.grad[:, lo:hi]).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_equals_unsharded(world):
+    _run(_conformance_worker, world)
+
+
+def _bad_input_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    for which in ("target", "shape", "options"):
+        _check_bad_input(rank, world, which)
+    dist.destroy_process_group()
+
+
+def _check_bad_input(rank: int, world: int, which: str) -> None:
+    from moekd_kernels import fused_moe_kd_loss
+
+    student = torch.randn(4, 3)
+    teacher = torch.randn(4, 3)
+    target = torch.tensor([0, 1, 5, -100])  # 6 classes over two ranks of 3
+    if rank == 1:
+        if which == "target":
+            target = torch.tensor([0, 1, 6, -100])       # out of range on this rank only
+        elif which == "shape":
+            teacher = torch.randn(4, 2)                  # rejected by this rank's own checks
+    temperature = 3.0 if (which == "options" and rank == 1) else 2.0
+    with pytest.raises(ValueError) as info:
+        fused_moe_kd_loss(student.requires_grad_(), teacher, target, temperature=temperature,
+                          process_group=dist.group.WORLD)
+    message = str(info.value)
+    expected = {"target": "target values must be in [0, 6)",
+                "shape": "teacher_logits must have" if rank == 1 else "rank(s) [1] rejected",
+                "options": "every rank must pass the same options"}[which]
+    assert expected in message, message
+    # The group still works afterwards: nobody is stuck in a collective.
+    flag = torch.ones(1)
+    dist.all_reduce(flag)
+    assert flag.item() == world
+
+
+def test_bad_input_on_one_rank_makes_every_rank_raise():
+    """Bad target, shape or options on rank 1 only: both ranks raise, and neither hangs."""
+    _run(_bad_input_worker, 2)
