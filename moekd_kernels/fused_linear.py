@@ -54,6 +54,7 @@ from .options import (
     FLOAT_DTYPES,
     MoEKDOptions,
     PerLevel,
+    check_num_items_in_batch,
     check_reduction,
     check_target_values,
     resolve_options,
@@ -184,7 +185,7 @@ def _run_chunks(student_hidden: Tensor, student_weight: Tensor, student_bias: Op
             t_logits = t_logits.expand(num_levels, n, vocab_size)
 
         loss, log_likelihood, agreement, grad = BACKENDS[backend].forward(
-            s_logits, t_logits, y, opts, grad_scale)
+            s_logits, t_logits, y, opts, grad_scale, need_grad)
         if need_rows:
             for out, value in zip(rows_out, (loss, log_likelihood, agreement)):
                 if idx is None:
@@ -432,24 +433,6 @@ def _num_levels_from_options(temperature, expert_strength, level_weights) -> int
     return 1
 
 
-def _check_num_items(num_items_in_batch, device: torch.device) -> Optional[Tensor]:
-    if num_items_in_batch is None:
-        return None
-    if isinstance(num_items_in_batch, Tensor):
-        if num_items_in_batch.dim() != 0 or num_items_in_batch.dtype == torch.bool \
-                or num_items_in_batch.dtype.is_complex:
-            raise ValueError(
-                "num_items_in_batch must be a positive int or a 0-dim real tensor, got a tensor of "
-                f"shape {tuple(num_items_in_batch.shape)} and dtype {num_items_in_batch.dtype}")
-        return num_items_in_batch.detach().to(device, non_blocking=True)
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, Integral):
-        raise TypeError(f"num_items_in_batch must be a positive int or a 0-dim tensor, got "
-                        f"{num_items_in_batch!r} ({type(num_items_in_batch).__name__})")
-    if num_items_in_batch <= 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
-    return torch.full((), float(num_items_in_batch), dtype=torch.float64, device=device)
-
-
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -500,8 +483,8 @@ def fused_linear_moe_kd_loss(
         student_bias: ``(V,)`` or None.
         teacher_bias: ``(V,)``, ``(L, V)`` for L heads, or None.
         chunk_size: rows per chunk; None picks it from a memory budget (module docstring).
-        num_items_in_batch: int or 0-dim tensor: the loss is then the sum over non-ignored
-            rows divided by it (gradient accumulation in Hugging Face / TRL trainers).
+        num_items_in_batch: int or 0-dim tensor, with ``reduction="mean"``: the loss is then
+            the sum over non-ignored rows divided by it (Hugging Face / TRL gradient accumulation).
         The other options are those of :func:`moekd_kernels.fused_moe_kd_loss`.
 
     Under autocast the GEMMs run in the autocast dtype, as ``F.linear`` would.
@@ -586,10 +569,7 @@ def fused_linear_moe_kd_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    num_items = _check_num_items(num_items_in_batch, device)
-    if num_items is not None and reduction == "none":
-        raise ValueError("num_items_in_batch divides the summed loss: use it with reduction='mean' "
-                         "or 'sum', not 'none'")
+    num_items = check_num_items_in_batch(num_items_in_batch, reduction, device)
 
     # Autocast: the GEMMs in its dtype, as F.linear under autocast; the casts are
     # differentiable, so gradients come back in the caller's dtypes.
@@ -636,7 +616,8 @@ def fused_linear_moe_kd_loss(
 
 
 class FusedLinearMoEKDLoss(nn.Module):
-    """``nn.Module`` form of :func:`fused_linear_moe_kd_loss`, with the same options and defaults."""
+    """``nn.Module`` form of :func:`fused_linear_moe_kd_loss`, with the same options and defaults
+    (``num_items_in_batch`` goes to ``forward``, as in ``MoEKDLoss``)."""
 
     def __init__(
         self,
@@ -649,7 +630,6 @@ class FusedLinearMoEKDLoss(nn.Module):
         expert_weight: float = 1.0,
         ignore_index: int = -100,
         reduction: str = "mean",
-        num_items_in_batch: Union[int, Tensor, None] = None,
         backend: str = "auto",
         return_stats: bool = False,
     ) -> None:
@@ -672,7 +652,6 @@ class FusedLinearMoEKDLoss(nn.Module):
         self.expert_weight = expert_weight
         self.ignore_index = ignore_index
         self.reduction = reduction
-        self.num_items_in_batch = num_items_in_batch
         self.backend = backend
         self.return_stats = return_stats
 
@@ -680,9 +659,7 @@ class FusedLinearMoEKDLoss(nn.Module):
                 teacher_weight: Tensor, target: Tensor, student_bias: Optional[Tensor] = None,
                 teacher_bias: Optional[Tensor] = None, *,
                 num_items_in_batch: Union[int, Tensor, None] = None):
-        """``num_items_in_batch`` given here overrides the module's (it changes every batch)."""
-        if num_items_in_batch is None:
-            num_items_in_batch = self.num_items_in_batch
+        """``num_items_in_batch`` is per call (it changes every batch), as in ``MoEKDLoss``."""
         return fused_linear_moe_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target,
             student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=self.chunk_size,
