@@ -6,12 +6,15 @@
 from .backends import available_backends, backend_names, describe_auto
 from .loss import MoEKDLoss, MoEKDStats, fused_moe_kd_loss
 from .teachers import TopKTeacher
+from .fused_linear import FusedLinearMoEKDLoss, fused_linear_moe_kd_loss
 
 __all__ = [
     "fused_moe_kd_loss",
     "MoEKDLoss",
     "MoEKDStats",
     "TopKTeacher",
+    "fused_linear_moe_kd_loss",
+    "FusedLinearMoEKDLoss",
     "available_backends",
     "backend_names",
     "describe_auto",
