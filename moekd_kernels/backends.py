@@ -72,7 +72,7 @@ BACKENDS: Dict[str, Backend] = {
         Backend("cpu", ".cpu_backend", ("cpu",),
                 "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS),
         Backend("triton", ".triton_backend", ("cuda", "cpu"),
-                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1"),
+                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1", top_k_teacher=True),
         Backend("cuda", ".cuda_backend", ("cuda",),
                 "fused CUDA C++ kernel, JIT-built with nvcc", max_levels=_KERNEL_MAX_LEVELS),
     )
