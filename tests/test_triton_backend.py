@@ -686,9 +686,12 @@ def test_top_k_student_masked_class_the_teacher_lists():
     loss +inf as for the dense teacher, finite gradient and stats, never NaN. The kernel's
     per-entry differences must not form inf − inf."""
     student, teacher, target = _top_k_inputs(110, 4, 40, 5, "logprobs")
-    student = student.clone()
-    listed = teacher.indices[2, 1]
-    student[2, listed] = -math.inf            # listed, with an unlisted class's mass besides
+    student, values = student.clone(), teacher.values.clone()
+    # Row 2 lists the class below the unlisted classes' share, row 3 above it: the listed
+    # term minus the unlisted one is +inf · … in one, −inf · … in the other.
+    values[2, 1] = -30.0
+    teacher = TopKTeacher(teacher.indices, values, "logprobs")
+    student[2, teacher.indices[2, 1]] = -math.inf
     student[3, teacher.indices[3, 0]] = -math.inf
     target[2:] = torch.tensor([int(teacher.indices[2, 0]), int(teacher.indices[3, 2])], device=DEVICE)
     opts = _opts(1)
