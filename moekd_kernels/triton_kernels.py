@@ -557,7 +557,7 @@ def moe_kd_topk_row_kernel(
             inv_D = 1.0 / D
             boost = tl.where(c == y, exp_beta_v[:, None], 1.0)
             pi_c = tl.exp((v - base_t[:, None]) * inv_tau_v[:, None] - log_zt[:, None])
-            # The same products as _block_u_pi forms for π_ρ, so that u_ρ cancels exactly.
+            # u_ρ as _block_u_pi forms it: the difference takes back what the dense loop added.
             u_c = tl.where(listed, w_v[:, None] * pi_c * boost * inv_D, 0.0)
             u_r = tl.where(listed, w_v[:, None] * pi_rest[:, None] * boost * inv_D, 0.0)
             if HAS_GATE:

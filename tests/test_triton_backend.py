@@ -705,6 +705,18 @@ def test_top_k_student_masked_class_the_teacher_lists():
         assert rel_err(got, expected) <= 1e-5
 
 
+def test_top_k_nan_value_propagates_to_its_row_only(small_top_k_tiles):
+    student, teacher, target = _top_k_inputs(120, 4, 70, 6, "logprobs")
+    target[1] = 3
+    values = teacher.values.clone()
+    values[1, 4] = float("nan")
+    rows = _kernel_rows(TopKTeacher(teacher.indices, values, "logprobs"), 1, 4, 70)
+    loss, ll, agreement, grad = triton_backend.forward(student, rows, target, _opts(1))
+    for out in (loss, ll, agreement):
+        assert out[1].isnan() and torch.isfinite(out[[0, 2, 3]]).all()
+    assert grad[1].isnan().any() and torch.isfinite(grad[[0, 2, 3]]).all()
+
+
 def test_auto_routes_top_k_teachers_to_triton_on_gpus(monkeypatch, caplog):
     """On CUDA tensors "cuda" comes first but reads no top-k teacher: auto takes "triton"
     for one, and logs why (simulated: every backend reports itself available)."""
