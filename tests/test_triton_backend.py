@@ -717,6 +717,29 @@ def test_top_k_nan_value_propagates_to_its_row_only(small_top_k_tiles):
     assert grad[1].isnan().any() and torch.isfinite(grad[[0, 2, 3]]).all()
 
 
+def test_top_k_builds_no_dense_teacher(monkeypatch):
+    """Through the public API, the kernel's only (N, C)-sized tensors are the student and
+    its gradient: the teacher arrives as its K entries per row and level."""
+    student, teacher, target = _top_k_inputs(130, 6, 50, 4, "logprobs", num_levels=2)
+    kernel, seen = triton_backend.triton_kernels.moe_kd_topk_row_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append([a for a in args if isinstance(a, torch.Tensor)])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_backend.triton_kernels, "moe_kd_topk_row_kernel", Spy())
+    s = student.clone().requires_grad_(True)
+    fused_moe_kd_loss(s, teacher, target, backend="triton").backward()
+    (tensors,) = seen
+    large = [t for t in tensors if t.numel() >= 6 * 50]
+    assert len(large) == 2 and large[0].data_ptr() == s.data_ptr()   # the student, then the gradient
+    assert large[1].shape == (6, 50) and large[1].data_ptr() != s.data_ptr()
+    assert max(t.numel() for t in tensors if t.numel() < 6 * 50) <= 2 * 6 * 4
+
+
 def test_auto_routes_top_k_teachers_to_triton_on_gpus(monkeypatch, caplog):
     """On CUDA tensors "cuda" comes first but reads no top-k teacher: auto takes "triton"
     for one, and logs why (simulated: every backend reports itself available)."""
