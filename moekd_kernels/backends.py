@@ -72,7 +72,7 @@ BACKENDS: Dict[str, Backend] = {
         Backend("cpu", ".cpu_backend", ("cpu",),
                 "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS),
         Backend("triton", ".triton_backend", ("cuda", "cpu"),
-                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1"),
+                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1", top_k_teacher=True),
         Backend("cuda", ".cuda_backend", ("cuda",),
                 "fused CUDA C++ kernel, JIT-built with nvcc", max_levels=_KERNEL_MAX_LEVELS),
     )
@@ -106,10 +106,13 @@ def auto_backend(device_type: str, num_levels: int = 1, top_k_teacher: bool = Fa
     falling back to the reference past an unavailable kernel warns once, with the reason.
     """
     skipped = []
+    no_top_k = []  # faster backends passed over because they cannot read a top-k teacher
     chosen = _FALLBACK
     for candidate in AUTO_ORDER.get(device_type, (_FALLBACK,)):
         backend = BACKENDS[candidate]
         if not backend.supports(num_levels, top_k_teacher):
+            if top_k_teacher and not backend.top_k_teacher:
+                no_top_k.append(repr(candidate))
             continue
         reason = backend.unavailable_reason(device_type)
         if reason is None:
@@ -123,8 +126,11 @@ def auto_backend(device_type: str, num_levels: int = 1, top_k_teacher: bool = Fa
             RuntimeWarning,
             stacklevel=2,
         )
+    teacher = ""
+    if top_k_teacher:
+        teacher = " and a top-k teacher" + (f" ({', '.join(no_top_k)} cannot read one)" if no_top_k else "")
     logger.info("moekd_kernels: backend='auto' uses %r for %s tensors with %d level(s)%s",
-                chosen, device_type, num_levels, " and a top-k teacher" if top_k_teacher else "")
+                chosen, device_type, num_levels, teacher)
     return chosen
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._jit import check_kernel_inputs
 from .options import MoEKDOptions
+from .teachers import TopKRows
 
 try:
     import triton
@@ -111,14 +112,18 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"the Triton backend runs on cuda (or cpu under TRITON_INTERPRET=1), not {device_type}"
 
 
-def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions,
+def forward(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
             grad_scale: Optional[Tensor] = None,
             need_grad: bool = True) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Registry entry point: (loss, log_likelihood, agreement, grad) per row, one launch.
 
+    ``teacher``: logits (L, N, C), or a top-k teacher (``teachers.TopKRows``), read by its
+    own kernel without ever forming an N×C teacher.
     With ``need_grad=False`` the kernel has no gradient pass (a compile-time flag) and no
     N×C buffer is allocated: grad is None, loss and stats are the same bits.
     """
+    if isinstance(teacher, TopKRows):
+        return _forward_top_k(student, teacher, target, opts, grad_scale, need_grad)
     # Any number of levels: the level count is a compile-time constant of the kernel.
     check_kernel_inputs("triton", student, teacher, TEACHER_DTYPES, device_types=("cuda", "cpu"),
                         max_levels=None)
@@ -134,18 +139,11 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
         teacher = teacher[:1].contiguous().expand(num_levels, -1, -1) if shared else teacher.contiguous()
     target = target.contiguous()
 
-    device = student.device
-    loss = torch.empty(num_rows, dtype=torch.float32, device=device)
-    log_likelihood = torch.empty(num_rows, dtype=torch.float32, device=device)
-    agreement = torch.empty(num_rows, dtype=torch.float32, device=device)
-    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device) if need_grad else None
+    loss, log_likelihood, agreement, grad = outputs = _outputs(student, need_grad)
     if num_rows == 0:
-        return loss, log_likelihood, agreement, grad
+        return outputs
 
-    block, num_warps = launch_config(num_classes, num_levels, device.type)
-    taus = opts.temperatures
-    betas = opts.expert_strengths
-    # The constants are rounded to float32 from double, as make_params does in C++.
+    block, num_warps = launch_config(num_classes, num_levels, student.device.type)
     triton_kernels.moe_kd_row_kernel[(num_rows,)](
         student, student.stride(0),
         teacher, teacher.stride(0), teacher.stride(1),
@@ -155,13 +153,7 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
         grad if need_grad else student, num_classes,
         student if grad_scale is None else grad_scale.to(torch.float32),  # any pointer when unused
         num_classes, opts.ignore_index,
-        tuple(float(t) for t in taus),
-        tuple(1.0 / t for t in taus),
-        tuple(float(b) for b in betas),
-        tuple(math.exp(b) for b in betas),
-        tuple(math.expm1(b) for b in betas),
-        tuple(float(w) for w in opts.level_weights),
-        float(opts.gate_weight), float(opts.expert_weight),
+        *_constants(opts),
         L=num_levels,
         LP=_next_pow2(num_levels),
         BLOCK=block,
@@ -172,7 +164,107 @@ def forward(student: Tensor, teacher: Tensor, target: Tensor, opts: MoEKDOptions
         NEED_GRAD=bool(need_grad),
         num_warps=num_warps,
     )
+    return outputs
+
+
+def _outputs(student: Tensor, need_grad: bool):
+    """Fresh (loss, log_likelihood, agreement) per row, and the gradient buffer or None."""
+    num_rows, num_classes = student.shape
+    device = student.device
+    loss = torch.empty(num_rows, dtype=torch.float32, device=device)
+    log_likelihood = torch.empty(num_rows, dtype=torch.float32, device=device)
+    agreement = torch.empty(num_rows, dtype=torch.float32, device=device)
+    grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device) if need_grad else None
     return loss, log_likelihood, agreement, grad
+
+
+def _constants(opts: MoEKDOptions) -> tuple:
+    """The kernels' per-level tuples (τ, 1/τ, β, e^β, expm1 β, w), then λ_g and λ_e.
+    The constants are rounded to float32 from double, as make_params does in C++."""
+    taus = opts.temperatures
+    betas = opts.expert_strengths
+    return (tuple(float(t) for t in taus),
+            tuple(1.0 / t for t in taus),
+            tuple(float(b) for b in betas),
+            tuple(math.exp(b) for b in betas),
+            tuple(math.expm1(b) for b in betas),
+            tuple(float(w) for w in opts.level_weights),
+            float(opts.gate_weight), float(opts.expert_weight))
+
+
+class TopKTiles(NamedTuple):
+    """Entries per step of the top-k kernel's loops over K, for one device type."""
+
+    shared: int   # every level lists the same classes (L = 1, or one head: level stride 0)
+    search: int   # levels list different classes: pass 3 compares (LP·this, this) tiles
+
+
+# "cuda": not measured yet (no GPU run of the top-k kernel so far); sized so that the
+# (LP, block) tiles of passes 1–2 and the (LP·block, block) search tile stay a few
+# thousand values. "cpu" (the interpreter): large, as for TILES.
+TOPK_TILES = {"cuda": TopKTiles(shared=128, search=32), "cpu": TopKTiles(shared=1024, search=256)}
+
+
+def _forward_top_k(student: Tensor, teacher: TopKRows, target: Tensor, opts: MoEKDOptions,
+                   grad_scale: Optional[Tensor], need_grad: bool):
+    """The top-k kernel (triton_kernels.moe_kd_topk_row_kernel): the student dense, the
+    teacher as K entries and one logit for the unlisted classes per row and level, all
+    read through their strides (a head shared by L levels is never copied)."""
+    indices, values, rest = teacher
+    check_kernel_inputs("triton", student, values, TEACHER_DTYPES, device_types=("cuda", "cpu"),
+                        max_levels=None)
+    num_rows, num_classes = student.shape
+    num_levels, _, num_entries = values.shape
+    if indices.shape != values.shape or tuple(rest.shape) != (num_levels, num_rows):
+        raise ValueError(f"backend 'triton' takes top-k indices shaped like the values {tuple(values.shape)} "
+                         f"and rest logits ({num_levels}, {num_rows}), got {tuple(indices.shape)} and "
+                         f"{tuple(rest.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32) or not rest.dtype.is_floating_point:
+        raise TypeError(f"backend 'triton' takes int64 or int32 top-k indices and floating rest logits, "
+                        f"got {indices.dtype} and {rest.dtype}")
+    if indices.device != student.device or rest.device != student.device:
+        raise ValueError(f"backend 'triton' takes the top-k teacher on the student's device "
+                         f"{student.device}, got {indices.device} and {rest.device}")
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    target = target.contiguous()
+
+    loss, log_likelihood, agreement, grad = outputs = _outputs(student, need_grad)
+    if num_rows == 0:
+        return outputs
+
+    device_type = student.device.type
+    block, num_warps = launch_config(num_classes, num_levels, device_type)
+    levels_padded = _next_pow2(num_levels)
+    # The same classes at every level: each level's entry k names one class.
+    search = num_levels > 1 and indices.stride(0) != 0
+    tiles = TOPK_TILES.get(device_type, TOPK_TILES["cuda"])
+    entry_block = min(_next_pow2(num_entries), tiles.search if search else tiles.shared)
+    triton_kernels.moe_kd_topk_row_kernel[(num_rows,)](
+        student, student.stride(0),
+        indices, indices.stride(0), indices.stride(1), indices.stride(2),
+        values, values.stride(0), values.stride(1), values.stride(2),
+        rest, rest.stride(0), rest.stride(1),
+        target,
+        loss, log_likelihood, agreement,
+        grad if need_grad else student, num_classes,
+        student if grad_scale is None else grad_scale.to(torch.float32),
+        num_classes, num_entries, opts.ignore_index,
+        *_constants(opts),
+        L=num_levels,
+        LP=levels_padded,
+        BLOCK=block,
+        SINGLE_BLOCK=num_classes <= block,
+        KB=entry_block,
+        SEARCH=search,
+        QB=entry_block * (levels_padded if search else 1),
+        HAS_EXPERT=opts.expert_weight != 0.0,
+        HAS_GATE=opts.gate_weight != 0.0,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        NEED_GRAD=bool(need_grad),
+        num_warps=num_warps,
+    )
+    return outputs
 
 
 # The scaling pass: BLOCK classes per step (16 bf16 values per thread at 4 warps, two

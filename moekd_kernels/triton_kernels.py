@@ -68,12 +68,9 @@ def _level_vector(values, pad, L: tl.constexpr, LP: tl.constexpr):
 
 
 @triton.jit
-def _block_lse(s, t, inv_tau, HAS_GATE: tl.constexpr):
-    """Pass 1 on one block: the log-sum-exp states of s (σ), s/τ_ℓ (q_ℓ) and t_ℓ/τ_ℓ (π_ℓ).
-
-    s (BLOCK,), t (LP, BLOCK), masked entries −inf. The q_ℓ sums share s's maximum,
-    since max(s/τ) = max(s)/τ for τ > 0.
-    """
+def _student_lse(s, inv_tau, HAS_GATE: tl.constexpr):
+    """Pass 1's student side on one block: the states of s (σ) and s/τ_ℓ (q_ℓ); the q_ℓ
+    sums share s's maximum, since max(s/τ) = max(s)/τ for τ > 0."""
     m_s = tl.max(s, axis=0)
     s_shift = s - _finite_base(m_s)
     z_s = tl.sum(tl.exp(s_shift), axis=0)
@@ -81,6 +78,17 @@ def _block_lse(s, t, inv_tau, HAS_GATE: tl.constexpr):
         z_q = tl.sum(tl.exp(s_shift[None, :] * inv_tau[:, None]), axis=1)
     else:
         z_q = tl.zeros_like(inv_tau)
+    return m_s, z_s, z_q
+
+
+@triton.jit
+def _block_lse(s, t, inv_tau, HAS_GATE: tl.constexpr):
+    """Pass 1 on one block: the log-sum-exp states of s (σ), s/τ_ℓ (q_ℓ) and t_ℓ/τ_ℓ (π_ℓ).
+
+    s (BLOCK,), t (LP, BLOCK), masked entries −inf. The q_ℓ sums share s's maximum,
+    since max(s/τ) = max(s)/τ for τ > 0.
+    """
+    m_s, z_s, z_q = _student_lse(s, inv_tau, HAS_GATE)
     m_t = tl.max(t, axis=1)
     z_t = tl.sum(tl.exp((t - _finite_base(m_t)[:, None]) * inv_tau[:, None]), axis=1)
     return m_s, z_s, z_q, m_t, z_t
@@ -96,12 +104,30 @@ def _rescale(m_from, m_to, inv_tau):
 
 
 @triton.jit
+def _merge_student(m_s, z_s, z_q, bm_s, bz_s, bz_q, inv_tau, HAS_GATE: tl.constexpr):
+    """A block's student states merged into the row's: both move to the new maximum."""
+    m_new = tl.maximum(m_s, bm_s)
+    z_s = z_s * _rescale(m_s, m_new, 1.0) + bz_s * _rescale(bm_s, m_new, 1.0)
+    if HAS_GATE:
+        z_q = z_q * _rescale(m_s, m_new, inv_tau) + bz_q * _rescale(bm_s, m_new, inv_tau)
+    return m_new, z_s, z_q
+
+
+@triton.jit
 def _block_u(s, t, is_target, log_zs, base_s, log_zq, base_t, log_zt,
              inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE: tl.constexpr):
     """The per-class terms of one block, shared by passes 2 and 3: σ, D, 1/D, u, log q."""
+    pi = tl.exp((t - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])  # π_ℓc
+    return _block_u_pi(s, pi, is_target, log_zs, base_s, log_zq, inv_tau, exp_beta, expm1_beta,
+                       level_weight, HAS_GATE)
+
+
+@triton.jit
+def _block_u_pi(s, pi, is_target, log_zs, base_s, log_zq, inv_tau, exp_beta, expm1_beta, level_weight,
+                HAS_GATE: tl.constexpr):
+    """σ, D, 1/D, u, log q of the classes s (BLOCK,), given the gate π (LP, BLOCK) there."""
     # Max-subtracted first: s − (b + log z) would round b + log z at the scale of |s|.
     sigma = tl.exp((s - base_s) - log_zs)                                     # σ_c
-    pi = tl.exp((t - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])  # π_ℓc
     D = 1.0 + expm1_beta[:, None] * sigma[None, :]                            # D_ℓc, no exp(β)·σ − σ
     inv_D = 1.0 / D
     boost = tl.where(is_target[None, :], exp_beta[:, None], 1.0)
@@ -160,6 +186,44 @@ def _block_grad(sigma, inv_D, u, log_q, is_target, tau, inv_G, A, R, gate_weight
     if HAS_EXPERT:
         grad += expert_weight * (sigma * A - tl.where(is_target, 1.0, 0.0))
     return grad
+
+
+@triton.jit
+def _row_outputs(loss_at, log_likelihood_at, agreement_at, in_range, log_sigma_y, pi_y,
+                 G, u_over_D, u_log_D, u_level, u_log_q, tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v,
+                 gate_weight, expert_weight, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Stores the row's loss, m and a from pass 2's sums, log σ_y and π_ℓy; returns what
+    pass 3 needs: 1/G, A = Σ r/D and R_ℓ = Σ_c r_ℓc. A target out of [0, C) gives NaN."""
+    u_y = w_v * pi_y * exp_beta_v / (1.0 + expm1_beta_v * tl.exp(log_sigma_y))  # u_ℓy
+    inv_G = tl.where(in_range, 1.0 / G, float("nan"))
+    r_y = u_y * inv_G                                                        # r_ℓy
+    # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1).
+    # Why this is not the C++/CUDA loss (moekd::row_loss in csrc/common/moekd_math.h):
+    # that regrouped form keeps the target's log D out of the sums and evaluates a log1p
+    # per level in float64 once per row, so that every term is one-signed. This textbook
+    # form cancels instead when the experts saturate (large β, r_y → 1) and then loses
+    # relative precision on a small loss; moving it to the regrouped form is still open
+    # (the tests hold it to float32 tolerance with β up to 50).
+    expert_ll = log_sigma_y + tl.sum(beta_v * r_y, axis=0) - u_log_D * inv_G
+    gate_ce = tl.sum(tau_v * tau_v * u_log_q, axis=0) * inv_G              # Σ_ℓ τ² Σ_c r log q
+    # A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
+    loss = 0.0
+    if HAS_EXPERT:
+        loss -= expert_weight * expert_ll
+    if HAS_GATE:
+        loss -= gate_weight * gate_ce
+    nan_if_bad = tl.where(in_range, 0.0, float("nan"))
+    tl.store(loss_at, loss + nan_if_bad)
+    tl.store(log_likelihood_at, log_sigma_y + tl.log(G) + nan_if_bad)  # m
+    # a = Σ_ℓ r_ℓy. u_ℓy is recomputed here, outside G's sum, so when the
+    # teacher is certain of y rounding can put a an ulp above 1; cap it
+    # (a NaN fails the test and stays NaN).
+    agreement = tl.sum(u_y, axis=0) / G
+    agreement = tl.where(agreement > 1.0, 1.0, agreement)
+    tl.store(agreement_at, agreement + nan_if_bad)
+    A = u_over_D * inv_G                                                     # Σ r/D
+    R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
+    return inv_G, A, R
 
 
 @triton.jit
@@ -225,12 +289,7 @@ def moe_kd_row_kernel(
                 cols = start + cols0
                 s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
                 bm_s, bz_s, bz_q, bm_t, bz_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
-                # Merge the block's states into the row's: both move to the new maximum.
-                m_new = tl.maximum(m_s, bm_s)
-                z_s = z_s * _rescale(m_s, m_new, 1.0) + bz_s * _rescale(bm_s, m_new, 1.0)
-                if HAS_GATE:
-                    z_q = z_q * _rescale(m_s, m_new, inv_tau_v) + bz_q * _rescale(bm_s, m_new, inv_tau_v)
-                m_s = m_new
+                m_s, z_s, z_q = _merge_student(m_s, z_s, z_q, bm_s, bz_s, bz_q, inv_tau_v, HAS_GATE)
                 mt_new = tl.maximum(m_t, bm_t)
                 z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
                 m_t = mt_new
@@ -276,35 +335,10 @@ def moe_kd_row_kernel(
         t_y = tl.load(t_row + y_safe, mask=level_ok[:, None], other=float("-inf")).to(tl.float32)
         t_y = tl.sum(t_y, axis=1)                                                # (LP,): t_ℓy
         pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
-        u_y = w_v * pi_y * exp_beta_v / (1.0 + expm1_beta_v * tl.exp(log_sigma_y))  # u_ℓy
-        inv_G = tl.where(in_range, 1.0 / G, float("nan"))
-        r_y = u_y * inv_G                                                        # r_ℓy
-        # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1).
-        # Why this is not the C++/CUDA loss (moekd::row_loss in csrc/common/moekd_math.h):
-        # that regrouped form keeps the target's log D out of the sums and evaluates a log1p
-        # per level in float64 once per row, so that every term is one-signed. This textbook
-        # form cancels instead when the experts saturate (large β, r_y → 1) and then loses
-        # relative precision on a small loss; moving it to the regrouped form is still open
-        # (the tests hold it to float32 tolerance with β up to 50).
-        expert_ll = log_sigma_y + tl.sum(beta_v * r_y, axis=0) - u_log_D * inv_G
-        gate_ce = tl.sum(tau_v * tau_v * u_log_q, axis=0) * inv_G              # Σ_ℓ τ² Σ_c r log q
-        # A zero weight drops its term: a masked target (log σ_y = −inf) must not give 0·inf.
-        loss = 0.0
-        if HAS_EXPERT:
-            loss -= expert_weight * expert_ll
-        if HAS_GATE:
-            loss -= gate_weight * gate_ce
-        nan_if_bad = tl.where(in_range, 0.0, float("nan"))
-        tl.store(loss_ptr + row, loss + nan_if_bad)
-        tl.store(log_likelihood_ptr + row, log_sigma_y + tl.log(G) + nan_if_bad)  # m
-        # a = Σ_ℓ r_ℓy. u_ℓy is recomputed here, outside G's sum, so when the
-        # teacher is certain of y rounding can put a an ulp above 1; cap it
-        # (a NaN fails the test and stays NaN).
-        agreement = tl.sum(u_y, axis=0) / G
-        agreement = tl.where(agreement > 1.0, 1.0, agreement)
-        tl.store(agreement_ptr + row, agreement + nan_if_bad)
-        A = u_over_D * inv_G                                                     # Σ r/D
-        R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
+        inv_G, A, R = _row_outputs(loss_ptr + row, log_likelihood_ptr + row, agreement_ptr + row,
+                                   in_range, log_sigma_y, pi_y, G, u_over_D, u_log_D, u_level, u_log_q,
+                                   tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, gate_weight, expert_weight,
+                                   HAS_EXPERT, HAS_GATE)
 
         # ---- pass 3: the gradient ----
         if NEED_GRAD:
@@ -321,6 +355,311 @@ def moe_kd_row_kernel(
                     grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
                                                     gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                     tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols < num_classes)
+
+
+# ---- a top-k teacher (docs/math.md, "Extensions"; teachers.TopKRows) ----
+#
+# The teacher row at level ℓ is one logit ρ_ℓ ("rest") at every class but K listed ones.
+# No teacher row is ever built; each pass reads the student densely and the teacher as
+# K values plus a scalar:
+#
+#   1. σ and q_ℓ from s as above; π_ℓ's normaliser from the K values and (C − K′_ℓ)
+#      copies of exp(ρ_ℓ/τ_ℓ): a loop over K, not over C.
+#   2. the u-sums as if every class were unlisted (u with the per-level constant π_ρ,
+#      no teacher load), then per listed entry the sums' difference between its own π
+#      and π_ρ (s gathered at the K indices). The dense loop is skipped when π_ρ = 0 at
+#      every level (kind "logits": ρ = −inf), where it would add zeros.
+#   3. the gradient as if every class were unlisted, stored; then, after a barrier, the
+#      gradient of each listed class recomputed in full and stored over it.
+#
+# Why this shape: a dense tile of the teacher would cost a scatter of K values into each
+# block (or a K-wide comparison per class), while the scalar ρ_ℓ keeps the dense loops
+# as cheap as the student's own and moves no teacher bytes, so at the memory bound the
+# kernel reads s (twice or three times, like the dense kernel) and writes the gradient,
+# plus K entries per row. Overwriting the listed classes' gradient with its full value,
+# instead of adding a correction to the stored one, keeps one rounding to the gradient's
+# dtype (a bf16 read-modify-write would round twice, and the correction can cancel most
+# of the stored value). A class listed at several levels needs every level's entry for
+# it: with the same indices at every level (L = 1, or one head at L temperatures, level
+# stride 0) those are the entries at the same k; otherwise (SEARCH) each level's K
+# indices are searched, a (LP·KB, KB) comparison per pair of blocks: O(L²K²) per row,
+# small for the K of stored top-k teachers (tens to hundreds) but not for K near C.
+
+
+@triton.jit
+def _load_s(s_row, cols, num_classes):
+    """Student logits at ``cols`` as float32, −inf past C (a masked class)."""
+    return tl.load(s_row + cols, mask=cols < num_classes, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _u_sums_split(u, D, inv_D, log_q, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """_u_sums for terms that may be differences (u_listed − u_ρ): Σ_c u log q without its
+    −inf terms, which a difference could turn into inf − inf; _inf_terms counts those."""
+    u_level = tl.sum(u, axis=1)
+    G = tl.sum(u_level, axis=0)
+    if HAS_EXPERT:
+        u_over_D = tl.sum(tl.sum(u * inv_D, axis=1), axis=0)
+        u_log_D = tl.sum(tl.sum(u * tl.log(D), axis=1), axis=0)
+    else:
+        u_over_D = 0.0
+        u_log_D = 0.0
+    if HAS_GATE:
+        u_log_q = tl.sum(u * tl.where(log_q == float("-inf"), 0.0, log_q), axis=1)
+    else:
+        u_log_q = tl.zeros_like(u_level)
+    return G, u_over_D, u_log_D, u_level, u_log_q
+
+
+@triton.jit
+def _inf_terms(u, log_q, HAS_GATE: tl.constexpr):
+    """Per level, the number of classes where u > 0 meets log q = −inf (a class the student
+    masks and the gate weighs): each makes Σ_c u_ℓc log q_ℓc −inf."""
+    if HAS_GATE:
+        n = tl.sum(tl.where((u > 0.0) & (log_q == float("-inf")), 1.0, 0.0), axis=1)
+    else:
+        n = tl.sum(tl.zeros_like(u), axis=1)
+    return n
+
+
+@triton.jit
+def moe_kd_topk_row_kernel(
+    student_ptr, student_row_stride,
+    index_ptr, index_level_stride, index_row_stride, index_k_stride,      # (L, N, K) classes
+    value_ptr, value_level_stride, value_row_stride, value_k_stride,      # (L, N, K) logits, −inf: padding
+    rest_ptr, rest_level_stride, rest_row_stride,                         # (L, N) the unlisted classes' logit
+    target_ptr,
+    loss_ptr, log_likelihood_ptr, agreement_ptr,
+    grad_ptr, grad_row_stride,
+    grad_scale_ptr,
+    num_classes, num_entries, ignore_index,                               # C, K
+    tau, inv_tau, beta, exp_beta, expm1_beta, level_weight,
+    gate_weight, expert_weight,
+    L: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    KB: tl.constexpr,            # entries per step of the loops over K
+    SEARCH: tl.constexpr,        # levels list different classes: pass 3 searches them
+    QB: tl.constexpr,            # listed classes per step of pass 3's fix-up: KB, or LP·KB with SEARCH
+    HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+):
+    levels = tl.arange(0, LP)
+    level_ok = levels < L
+    levels64 = levels.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    ks0 = tl.arange(0, KB)
+    tau_v = _level_vector(tau, 1.0, L, LP)
+    inv_tau_v = _level_vector(inv_tau, 1.0, L, LP)
+    beta_v = _level_vector(beta, 0.0, L, LP)
+    exp_beta_v = _level_vector(exp_beta, 1.0, L, LP)
+    expm1_beta_v = _level_vector(expm1_beta, 0.0, L, LP)
+    w_v = _level_vector(level_weight, 0.0, L, LP)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    else:
+        grad_scale = 1.0
+
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * student_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    index_rows = index_ptr + row * index_row_stride + levels64[:, None] * index_level_stride   # (LP, 1)
+    value_rows = value_ptr + row * value_row_stride + levels64[:, None] * value_level_stride
+
+    y = tl.load(target_ptr + row).to(tl.int64)
+    if y == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(log_likelihood_ptr + row, 0.0)
+        tl.store(agreement_ptr + row, 0.0)
+        if NEED_GRAD:
+            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
+            for start in range(0, num_classes, BLOCK):
+                cols = start + cols0
+                tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+    else:
+        # ---- pass 1, student: log-sum-exp states of s and s/τ_ℓ ----
+        if SINGLE_BLOCK:
+            s = _load_s(s_row, cols0, num_classes)
+            m_s, z_s, z_q = _student_lse(s, inv_tau_v, HAS_GATE)
+        else:
+            m_s = float("-inf")
+            z_s = 0.0
+            z_q = tl.zeros([LP], tl.float32)
+            for start in range(0, num_classes, BLOCK):
+                bm_s, bz_s, bz_q = _student_lse(_load_s(s_row, start + cols0, num_classes), inv_tau_v,
+                                                HAS_GATE)
+                m_s, z_s, z_q = _merge_student(m_s, z_s, z_q, bm_s, bz_s, bz_q, inv_tau_v, HAS_GATE)
+        base_s = _finite_base(m_s)
+        log_zs = tl.log(z_s)
+        if HAS_GATE:
+            log_zq = tl.log(z_q)
+        else:
+            log_zq = tl.zeros([LP], tl.float32)
+
+        # ---- pass 1, teacher: t_ℓ/τ_ℓ's state from the K entries, then the rest ----
+        # Also t_ℓy: the listed value where level ℓ lists y (a sum, so a NaN stays NaN).
+        m_t = tl.full([LP], float("-inf"), tl.float32)
+        z_t = tl.zeros([LP], tl.float32)
+        num_listed = tl.zeros([LP], tl.float32)
+        t_y_listed = tl.zeros([LP], tl.float32)
+        y_listed = tl.zeros([LP], tl.float32)
+        for k0 in range(0, num_entries, KB):
+            ks = k0 + ks0
+            entry_ok = level_ok[:, None] & (ks < num_entries)[None, :]
+            v = tl.load(value_rows + ks[None, :] * value_k_stride, mask=entry_ok,
+                        other=float("-inf")).to(tl.float32)
+            c = tl.load(index_rows + ks[None, :] * index_k_stride, mask=entry_ok, other=-1)
+            listed = v != float("-inf")     # NaN is data: listed, and it propagates
+            bm_t = tl.max(v, axis=1)
+            bz_t = tl.sum(tl.exp((v - _finite_base(bm_t)[:, None]) * inv_tau_v[:, None]), axis=1)
+            mt_new = tl.maximum(m_t, bm_t)
+            z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
+            m_t = mt_new
+            num_listed += tl.sum(tl.where(listed, 1.0, 0.0), axis=1)
+            at_y = listed & (c == y)
+            t_y_listed += tl.sum(tl.where(at_y, v, 0.0), axis=1)
+            y_listed += tl.sum(tl.where(at_y, 1.0, 0.0), axis=1)
+        rest = tl.load(rest_ptr + row * rest_row_stride + levels64 * rest_level_stride, mask=level_ok,
+                       other=float("-inf")).to(tl.float32)
+        num_rest = num_classes - num_listed                               # C − K′_ℓ unlisted classes
+        rest = tl.where(num_rest > 0, rest, float("-inf"))
+        mt_new = tl.maximum(m_t, rest)
+        z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + num_rest * _rescale(rest, mt_new, inv_tau_v)
+        m_t = mt_new
+        base_t = _finite_base(m_t)
+        log_zt = tl.log(tl.where(level_ok, z_t, 1.0))
+        pi_rest = tl.exp((rest - base_t) * inv_tau_v - log_zt)           # π_ℓ at an unlisted class
+
+        # ---- pass 2: u-sums as if no class were listed, then per listed entry ----
+        G = 0.0
+        u_over_D = 0.0
+        u_log_D = 0.0
+        u_level = tl.zeros([LP], tl.float32)
+        u_log_q = tl.zeros([LP], tl.float32)
+        inf_terms = tl.zeros([LP], tl.float32)
+        # π_ρ = 0 at every level (kind "logits"): the dense loop would add zeros; skip it.
+        # (A NaN π_ρ is not 0: it runs and propagates.)
+        dense_end = tl.where(tl.sum(tl.where(pi_rest != 0.0, 1, 0), axis=0) > 0, num_classes, 0)
+        for start in range(0, dense_end, BLOCK):
+            cols = start + cols0
+            if SINGLE_BLOCK:
+                s_block = s
+            else:
+                s_block = _load_s(s_row, cols, num_classes)
+            # Classes past C get π = 0 (an unlisted class has π_ρ, a missing one nothing).
+            pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
+            sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
+                                                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+            bG, bD, blogD, bl, blogq = _u_sums_split(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+            G += bG
+            u_over_D += bD
+            u_log_D += blogD
+            u_level += bl
+            u_log_q += blogq
+            inf_terms += _inf_terms(u, log_q, HAS_GATE)
+        for k0 in range(0, num_entries, KB):
+            # Entry (ℓ, k) is class c_ℓk of level ℓ: the classes differ between levels.
+            ks = k0 + ks0
+            entry_ok = level_ok[:, None] & (ks < num_entries)[None, :]
+            v = tl.load(value_rows + ks[None, :] * value_k_stride, mask=entry_ok,
+                        other=float("-inf")).to(tl.float32)
+            c = tl.load(index_rows + ks[None, :] * index_k_stride, mask=entry_ok, other=0)
+            listed = v != float("-inf")
+            s_c = tl.load(s_row + c, mask=listed, other=0.0).to(tl.float32)
+            sigma_c = tl.exp((s_c - base_s) - log_zs)
+            D = 1.0 + expm1_beta_v[:, None] * sigma_c
+            inv_D = 1.0 / D
+            boost = tl.where(c == y, exp_beta_v[:, None], 1.0)
+            pi_c = tl.exp((v - base_t[:, None]) * inv_tau_v[:, None] - log_zt[:, None])
+            # u_ρ as _block_u_pi forms it: the difference takes back what the dense loop added.
+            u_c = tl.where(listed, w_v[:, None] * pi_c * boost * inv_D, 0.0)
+            u_r = tl.where(listed, w_v[:, None] * pi_rest[:, None] * boost * inv_D, 0.0)
+            if HAS_GATE:
+                log_q = (s_c - base_s) * inv_tau_v[:, None] - log_zq[:, None]
+            else:
+                log_q = tl.zeros_like(u_c)
+            bG, bD, blogD, bl, blogq = _u_sums_split(u_c - u_r, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+            G += bG
+            u_over_D += bD
+            u_log_D += blogD
+            u_level += bl
+            u_log_q += blogq
+            inf_terms += _inf_terms(u_c, log_q, HAS_GATE) - _inf_terms(u_r, log_q, HAS_GATE)
+        # 0 · log 0 = 0 as in _u_sums; NaN + (−inf) stays NaN.
+        u_log_q += tl.where(inf_terms > 0.0, float("-inf"), 0.0)
+
+        # ---- loss and stats ----
+        in_range = (y >= 0) & (y < num_classes)
+        y_safe = tl.where(in_range, y, 0)
+        log_sigma_y = (tl.load(s_row + y_safe).to(tl.float32) - base_s) - log_zs
+        t_y = tl.where(y_listed > 0.0, t_y_listed, rest)
+        pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
+        inv_G, A, R = _row_outputs(loss_ptr + row, log_likelihood_ptr + row, agreement_ptr + row,
+                                   in_range, log_sigma_y, pi_y, G, u_over_D, u_log_D, u_level, u_log_q,
+                                   tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, gate_weight, expert_weight,
+                                   HAS_EXPERT, HAS_GATE)
+
+        # ---- pass 3: the gradient as if no class were listed, then the listed classes ----
+        if NEED_GRAD:
+            for start in range(0, num_classes, BLOCK):
+                cols = start + cols0
+                if SINGLE_BLOCK:
+                    s_block = s
+                else:
+                    s_block = _load_s(s_row, cols, num_classes)
+                pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
+                sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
+                                                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
+                                                gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+            # The listed classes' stores below replace stores above, made by other threads.
+            tl.debug_barrier()
+            q0 = tl.arange(0, QB)
+            for k0 in range(0, num_entries, KB):
+                # One listed class per lane: t (LP, QB) is its teacher logit at every level.
+                if SEARCH:
+                    # Lane f is entry k0 + f % KB of level f // KB.
+                    q_level = (q0 // KB).to(tl.int64)
+                    q_k = k0 + q0 % KB
+                    q_ok = (q_level < L) & (q_k < num_entries)
+                    q_v = tl.load(value_ptr + row * value_row_stride + q_level * value_level_stride
+                                  + q_k * value_k_stride, mask=q_ok, other=float("-inf")).to(tl.float32)
+                    q_class = tl.load(index_ptr + row * index_row_stride + q_level * index_level_stride
+                                      + q_k * index_k_stride, mask=q_ok, other=-1)
+                    q_listed = q_v != float("-inf")
+                    t = tl.zeros([LP, QB], tl.float32) + rest[:, None]
+                    for level in tl.static_range(L):
+                        found = tl.zeros([QB], tl.float32)
+                        found_v = tl.zeros([QB], tl.float32)
+                        for j0 in range(0, num_entries, KB):
+                            js = j0 + ks0
+                            j_ok = js < num_entries
+                            v2 = tl.load(value_ptr + row * value_row_stride + level * value_level_stride
+                                         + js * value_k_stride, mask=j_ok, other=float("-inf")).to(tl.float32)
+                            c2 = tl.load(index_ptr + row * index_row_stride + level * index_level_stride
+                                         + js * index_k_stride, mask=j_ok, other=-1)
+                            match = (q_class[:, None] == c2[None, :]) & (v2 != float("-inf"))[None, :]
+                            found += tl.sum(tl.where(match, 1.0, 0.0), axis=1)
+                            found_v += tl.sum(tl.where(match, v2[None, :], 0.0), axis=1)
+                        t = tl.where((levels == level)[:, None] & (found > 0.0)[None, :], found_v[None, :], t)
+                else:
+                    # Entry k lists the same class at every level (level 0's index names it).
+                    q_k = k0 + q0
+                    entry_ok = level_ok[:, None] & (q_k < num_entries)[None, :]
+                    v = tl.load(value_rows + q_k[None, :] * value_k_stride, mask=entry_ok,
+                                other=float("-inf")).to(tl.float32)
+                    q_class = tl.load(index_ptr + row * index_row_stride + q_k * index_k_stride,
+                                      mask=q_k < num_entries, other=-1)
+                    listed = v != float("-inf")
+                    q_listed = tl.sum(tl.where(listed, 1, 0), axis=0) > 0
+                    t = tl.where(listed, v, rest[:, None])
+                s_q = tl.load(s_row + q_class, mask=q_listed, other=0.0).to(tl.float32)
+                pi = tl.exp((t - base_t[:, None]) * inv_tau_v[:, None] - log_zt[:, None])
+                sigma, D, inv_D, u, log_q = _block_u_pi(s_q, pi, q_class == y, log_zs, base_s, log_zq,
+                                                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
+                grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, q_class == y, tau_v, inv_G, A, R,
+                                                gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+                # With SEARCH a class listed at several levels has several lanes: same value.
+                tl.store(grad_row + q_class, grad.to(grad_ptr.dtype.element_ty), mask=q_listed)
 
 
 @triton.jit

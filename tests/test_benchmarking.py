@@ -174,10 +174,12 @@ def _run(cmd, env_extra, timeout=600):
 
 
 def test_benchmark_suite_and_plot_run(tmp_path):
-    """``pytest benchmarks/ --benchmark-only`` at a tiny shape, then plot.py on its JSON."""
+    """The logits suite (``pytest benchmarks/test_fwd_bwd.py --benchmark-only``) at a tiny shape,
+    then plot.py on its JSON. The fused-linear suite has its own shapes (test_fused_linear.py)."""
     available_backends("cpu")   # a JIT build, if one is due, happens here, not in the timed child
     out_json = tmp_path / "bench.json"
-    _run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+    _run([sys.executable, "-m", "pytest", "benchmarks/test_fwd_bwd.py", "--benchmark-only", "-q",
+          "-p", "no:cacheprovider",
           "-k", "not compiled_moekd", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
           f"--benchmark-json={out_json}"],
          {"MOEKD_BENCH_SHAPES": "8x64,4x128", "MOEKD_BENCH_DTYPES": "fp32,bf16"})

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from conftest import requires
-from moekd_kernels import fused_moe_kd_loss
+from moekd_kernels import TopKTeacher, fused_moe_kd_loss
 from moekd_kernels import triton_backend
 from moekd_kernels.backends import BACKENDS, resolve_backend
-from oracle import (Case, check_backend, check_gradient, check_outputs, classic_kd, float64_oracle, kernel_options,
-                    make_case, rel_err, term_scale)
+from moekd_kernels.options import resolve_options
+from oracle import (TOLERANCE, Case, check_backend, check_gradient, check_outputs, classic_kd, float64_oracle,
+                    kernel_options, make_case, rel_err, term_scale)
+# The dense teacher a TopKTeacher stands for, built from the issue's definition.
+from test_teachers import densify, top_k
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _REASON = BACKENDS["triton"].unavailable_reason(DEVICE)
@@ -440,3 +443,363 @@ def test_teacher_shared_by_levels_is_read_in_place(monkeypatch, class_strided):
     want = triton_backend.forward(case.student, shared.contiguous(), case.target, opts)
     for a, b in zip(got, want):
         assert _same_bits(a, b)
+
+
+# ---- a top-k teacher (TopKTeacher): its own kernel, held to the oracle on the dense teacher ----
+
+def _check_top_k(student, teacher, target, **options):
+    """backend="triton" with ``teacher`` against the float64 oracle on the dense teacher it
+    stands for, built by test_teachers.densify (the issue's definition, not the package's).
+
+    Loss and stats within TOLERANCE; the gradient element by element (one wrong listed
+    class fails): within its roundings to the student's dtype (in the kernel and in
+    backward's scaling by grad_output; the interpreter truncates to bf16: each under one
+    ulp, 2^-7 of the element) plus float32 headroom of the row's largest element.
+    """
+    tol = TOLERANCE[student.dtype]
+    dense = densify(teacher.indices.cpu(), teacher.values.cpu(), teacher.kind, student.shape[-1])
+    shared_levels = len(options.get("temperature", ())) if isinstance(options.get("temperature"), tuple) else 0
+    if dense.dim() == student.dim() and shared_levels > 1:
+        dense = dense.expand(shared_levels, *dense.shape)  # one head at several temperatures
+    s = student.detach().clone().requires_grad_(True)
+    loss, stats = fused_moe_kd_loss(s, teacher, target, reduction="none", backend="triton",
+                                    return_stats=True, **options)
+    grad_out = torch.rand(target.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    loss.backward(grad_out.to(loss.device, loss.dtype))
+    exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(Case(student.cpu(), dense, target.cpu(), options))
+    for name, got, want in (("loss", loss, exp_loss), ("log_likelihood", stats.log_likelihood, exp_ll),
+                            ("agreement", stats.agreement, exp_agree)):
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g}"
+    assert s.grad.dtype == student.dtype
+    got = s.grad.detach().cpu().double().reshape(exp_grad.shape)
+    exp_grad = exp_grad * grad_out.reshape(-1, 1)
+    elem_tol = 2 * 2.0 ** -7 if student.dtype == torch.bfloat16 else 1e-5
+    bound = elem_tol * exp_grad.abs() + 2.0 ** -20 * exp_grad.abs().amax(-1, keepdim=True)
+    assert bool(((got - exp_grad).abs() <= bound).all()), float(((got - exp_grad).abs() / bound).max())
+    return loss, stats, s.grad
+
+
+def _top_k_inputs(seed, num_rows, num_classes, k, kind, num_levels=1, dtype=torch.float32, overlap=0.0):
+    """Student, TopKTeacher (one level: (N, K); else (L, N, K) with each level's own classes,
+    teacher logits ``overlap``-correlated between levels so that some classes are listed at
+    several), and a target with ignored rows and one label among level 0's listed classes."""
+    g = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(num_rows, num_classes, generator=g)).to(dtype)
+    target = torch.randint(0, num_classes, (num_rows,), generator=g)
+    head = 3 * torch.randn(num_rows, num_classes, generator=g)
+    pairs = [top_k((overlap * head + (1 - overlap ** 2) ** 0.5 * 3 * torch.randn(head.shape, generator=g)
+                    if level else head).to(dtype), k, kind) for level in range(num_levels)]
+    indices = torch.stack([i for i, _ in pairs]) if num_levels > 1 else pairs[0][0]
+    values = torch.stack([v for _, v in pairs]) if num_levels > 1 else pairs[0][1]
+    target[0] = pairs[0][0][0, -1]
+    target[1] = -100
+    return (student.to(DEVICE), TopKTeacher(indices.to(DEVICE), values.to(DEVICE), kind),
+            target.to(DEVICE))
+
+
+@pytest.fixture
+def small_top_k_tiles(monkeypatch, small_tile):
+    """32-value class tiles and 4-entry steps over K: rows and K both take several blocks."""
+    monkeypatch.setitem(triton_backend.TOPK_TILES, DEVICE, triton_backend.TopKTiles(4, 4))
+    return small_tile
+
+
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+@pytest.mark.parametrize("k", [1, 6, 37])
+def test_top_k_teacher_matches_oracle(kind, k):
+    """K = 1, K < C and K = C (no class left unlisted) in one block of 37 classes."""
+    student, teacher, target = _top_k_inputs(k, 8, 37, k, kind)
+    _check_top_k(student, teacher, target, temperature=2.0, expert_strength=1.5)
+
+
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("num_levels", [1, 2])
+def test_top_k_teacher_multi_block(small_top_k_tiles, kind, tau, num_levels):
+    """Rows of 100 classes in 32-class blocks, 11 entries in 4-entry steps; two levels with
+    their own, partly shared, classes (the kernel's search)."""
+    assert triton_backend.launch_config(100, num_levels, DEVICE)[0] < 100
+    student, teacher, target = _top_k_inputs(20 + num_levels, 7, 100, 11, kind, num_levels, overlap=0.9)
+    if num_levels == 2:
+        shared = set(teacher.indices[0, 2].tolist()) & set(teacher.indices[1, 2].tolist())
+        assert shared, "the two levels should list some class of row 2 both"
+    _check_top_k(student, teacher, target, temperature=[tau, 1.7][:num_levels],
+                 expert_strength=[2.0, 0.5][:num_levels])
+
+
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+def test_top_k_padding_entries_are_never_read(small_top_k_tiles, kind):
+    """−inf values are padding: their classes count as unlisted, and their indices (here
+    out of range) are never read nor written; a logprobs row of padding alone is the uniform
+    teacher."""
+    student, teacher, target = _top_k_inputs(30, 6, 70, 9, kind)
+    values, indices = teacher.values.clone(), teacher.indices.clone()
+    values[2, 3:] = -math.inf
+    values[4, ::2] = -math.inf
+    indices[2, 3:] = 70 + 10 ** 6
+    indices[4, ::2] = -(10 ** 6)
+    if kind == "logprobs":
+        values[5] = -math.inf
+    _check_top_k(student, TopKTeacher(indices, values, kind), target, temperature=1.5)
+
+
+@pytest.mark.parametrize("multi_block", [False, True])
+def test_top_k_no_mass_left(monkeypatch, multi_block):
+    """ρ = 0 (listed log-probs summing to 1, a hair above after rounding): the unlisted
+    classes get nothing, as for the same values given as logits."""
+    if multi_block:
+        monkeypatch.setitem(triton_backend.TILES, DEVICE, triton_backend.Tiles(32, 32, 32))
+        monkeypatch.setitem(triton_backend.TOPK_TILES, DEVICE, triton_backend.TopKTiles(4, 4))
+    g = torch.Generator().manual_seed(6)
+    student = 3 * torch.randn(5, 50, generator=g)
+    target = torch.randint(0, 50, (5,), generator=g)
+    indices = torch.stack([torch.randperm(50, generator=g)[:6] for _ in range(5)])
+    values = (torch.log_softmax(3 * torch.randn(5, 6, generator=g, dtype=torch.float64), -1) + 1e-6).float()
+    teacher = TopKTeacher(indices.to(DEVICE), values.to(DEVICE), "logprobs")
+    student, target = student.to(DEVICE), target.to(DEVICE)
+    loss, _, grad = _check_top_k(student, teacher, target, temperature=4.0)
+    as_logits = _check_top_k(student, TopKTeacher(teacher.indices, teacher.values, "logits"), target,
+                             temperature=4.0)
+    assert rel_err(loss, as_logits[0]) <= 1e-6 and rel_err(grad, as_logits[2]) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+def test_top_k_one_head_at_several_temperatures_is_read_in_place(monkeypatch, small_top_k_tiles, kind):
+    """A (N, K) teacher at L = 3 temperatures reaches the kernel with level stride 0 (no copy,
+    no search: entry k names one class at every level), and matches the oracle; the same
+    head stacked L times (a search over equal class sets) gives the same numbers."""
+    student, teacher, target = _top_k_inputs(40, 6, 90, 7, kind)
+    options = dict(temperature=(1.0, 2.0, 4.0), expert_strength=[0.5, 2.0, 8.0])
+    kernel, seen = triton_backend.triton_kernels.moe_kd_topk_row_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args[2], args[6], kwargs["SEARCH"]))  # indices, values, SEARCH
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_backend.triton_kernels, "moe_kd_topk_row_kernel", Spy())
+    shared = _check_top_k(student, teacher, target, **options)
+    stacked = TopKTeacher(teacher.indices.expand(3, -1, -1).contiguous(),
+                          teacher.values.expand(3, -1, -1).contiguous(), kind)
+    dense_levels = _check_top_k(student, stacked, target, **options)
+    (indices, values, search), (_, _, stacked_search) = seen
+    assert indices.stride(0) == 0 and values.stride(0) == 0 and not search and stacked_search
+    assert indices.data_ptr() == teacher.indices.data_ptr()
+    for a, b in zip((shared[0], *shared[1], shared[2]), (dense_levels[0], *dense_levels[1], dense_levels[2])):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_top_k_three_levels_with_their_own_classes(small_top_k_tiles):
+    student, teacher, target = _top_k_inputs(50, 6, 64, 10, "logprobs", num_levels=3, overlap=0.95)
+    _check_top_k(student, teacher, target, temperature=[1.0, 3.0, 0.7], expert_strength=[1.0, 4.0, 0.0],
+                 level_weights=[1.0, 2.0, 0.5])
+
+
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+@pytest.mark.parametrize("multi_block", [False, True])
+def test_top_k_bfloat16(monkeypatch, kind, multi_block):
+    if multi_block:
+        monkeypatch.setitem(triton_backend.TILES, DEVICE, triton_backend.Tiles(32, 32, 32))
+        monkeypatch.setitem(triton_backend.TOPK_TILES, DEVICE, triton_backend.TopKTiles(4, 4))
+    student, teacher, target = _top_k_inputs(60, 6, 75, 8, kind, dtype=torch.bfloat16)
+    _check_top_k(student, teacher, target, temperature=2.0)
+
+
+def test_top_k_lead_dims_and_mean():
+    """(B, T, K) indices with (B, T, C) logits; "mean" folds 1/n into the kernel's gradient."""
+    g = torch.Generator().manual_seed(70)
+    student = (3 * torch.randn(2, 4, 30, generator=g)).to(DEVICE)
+    target = torch.randint(0, 30, (2, 4), generator=g).to(DEVICE)
+    target[1, 2] = -100
+    indices, values = top_k(3 * torch.randn(2, 4, 30, generator=g), 5, "logprobs")
+    teacher = TopKTeacher(indices.to(DEVICE), values.to(DEVICE), "logprobs")
+    _check_top_k(student, teacher, target)
+    results = []
+    for backend in ("triton", "reference"):
+        s = student.clone().requires_grad_(True)
+        loss = fused_moe_kd_loss(s, teacher, target, backend=backend)
+        loss.backward()
+        results.append((loss.detach(), s.grad))
+    assert rel_err(results[0][0], results[1][0]) <= 1e-5 and rel_err(results[0][1], results[1][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("gate_weight,expert_weight,beta", [(0.0, 1.0, 2.0), (1.0, 0.0, 0.0), (0.3, 1.7, 50.0)])
+def test_top_k_term_weights(small_top_k_tiles, gate_weight, expert_weight, beta):
+    student, teacher, target = _top_k_inputs(80, 6, 45, 5, "logprobs")
+    _check_top_k(student, teacher, target, gate_weight=gate_weight, expert_weight=expert_weight,
+                 expert_strength=beta)
+
+
+def _kernel_rows(teacher, num_levels, num_rows, num_classes):
+    """The backends' form of a TopKTeacher, as the public API builds it."""
+    from moekd_kernels.teachers import topk_rows
+
+    own_levels = teacher.indices.shape[0] if teacher.indices.dim() == 3 else 1
+    return topk_rows(teacher, own_levels, num_levels, num_rows, num_classes)
+
+
+@pytest.mark.parametrize("multi_block", [False, True], ids=["single-block", "multi-block"])
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+def test_top_k_without_grad_loss_and_stats_are_the_same_bits(monkeypatch, multi_block, kind):
+    if multi_block:
+        monkeypatch.setitem(triton_backend.TILES, DEVICE, triton_backend.Tiles(32, 32, 32))
+        monkeypatch.setitem(triton_backend.TOPK_TILES, DEVICE, triton_backend.TopKTiles(4, 4))
+    student, teacher, target = _top_k_inputs(90, 6, 70, 9, kind, num_levels=2, overlap=0.9)
+    target[4] = 70  # out of range: a NaN row, in both runs
+    rows = _kernel_rows(teacher, 2, 6, 70)
+    opts = _opts(2, temperature=[1.0, 3.0], expert_strength=[0.5, 30.0])
+    factor = torch.tensor(0.25, device=DEVICE)
+    with_grad = triton_backend.forward(student, rows, target, opts, factor)
+    without = triton_backend.forward(student, rows, target, opts, factor, need_grad=False)
+    assert with_grad[3] is not None and without[3] is None
+    for got, want in zip(without[:3], with_grad[:3]):
+        assert _same_bits(got, want)
+    assert without[0][1] == 0 and without[0][4].isnan() and (with_grad[3][1] == 0).all()
+
+
+def test_top_k_strided_entries_are_read_through_their_strides():
+    """Indices, values and rest as strided views (every other entry of wider buffers, a
+    transposed level axis): the bits of contiguous copies."""
+    from moekd_kernels.teachers import TopKRows
+
+    student, teacher, target = _top_k_inputs(100, 5, 40, 6, "logprobs", num_levels=2, overlap=0.5)
+    rows = _kernel_rows(teacher, 2, 5, 40)
+    wide = lambda x: torch.stack([x, x], -1).reshape(*x.shape[:-1], -1)[..., ::2]  # noqa: E731
+    strided = TopKRows(wide(rows.indices), wide(rows.values.transpose(0, 1).contiguous()).transpose(0, 1),
+                       torch.stack([rows.rest, rows.rest], -1)[..., 0])
+    assert strided.indices.stride(2) == 2 and strided.values.stride() == (12, 24, 2) and strided.rest.stride(1) == 2
+    opts = _opts(2)
+    got = triton_backend.forward(student, strided, target, opts)
+    want = triton_backend.forward(student, TopKRows(*(x.contiguous() for x in rows)), target, opts)
+    for a, b in zip(got, want):
+        assert _same_bits(a, b)
+
+
+def test_top_k_student_masked_class_the_teacher_lists():
+    """A class the student masks (−inf) while a logprobs teacher lists it or leaves it mass:
+    loss +inf as for the dense teacher, finite gradient and stats, never NaN. The kernel's
+    per-entry differences must not form inf − inf."""
+    student, teacher, target = _top_k_inputs(110, 4, 40, 5, "logprobs")
+    student, values = student.clone(), teacher.values.clone()
+    # Row 2 lists the class below the unlisted classes' share, row 3 above it: the listed
+    # term minus the unlisted one is +inf · … in one, −inf · … in the other.
+    values[2, 1] = -30.0
+    teacher = TopKTeacher(teacher.indices, values, "logprobs")
+    student[2, teacher.indices[2, 1]] = -math.inf
+    student[3, teacher.indices[3, 0]] = -math.inf
+    target[2:] = torch.tensor([int(teacher.indices[2, 0]), int(teacher.indices[3, 2])], device=DEVICE)
+    opts = _opts(1)
+    rows = _kernel_rows(teacher, 1, 4, 40)
+    loss, ll, agreement, grad = triton_backend.forward(student, rows, target, opts)
+    dense = densify(teacher.indices.cpu(), teacher.values.cpu(), "logprobs", 40).float().unsqueeze(0)
+    want = BACKENDS["reference"].forward(student.cpu(), dense, target.cpu(), opts)
+    assert loss[2].item() == math.inf and loss[3].item() == math.inf
+    assert torch.isfinite(grad).all() and torch.isfinite(ll).all() and torch.isfinite(agreement).all()
+    for got, expected in zip((loss, ll, agreement, grad), want):
+        assert rel_err(got, expected) <= 1e-5
+
+
+def test_top_k_nan_value_propagates_to_its_row_only(small_top_k_tiles):
+    student, teacher, target = _top_k_inputs(120, 4, 70, 6, "logprobs")
+    target[1] = 3
+    values = teacher.values.clone()
+    values[1, 4] = float("nan")
+    rows = _kernel_rows(TopKTeacher(teacher.indices, values, "logprobs"), 1, 4, 70)
+    loss, ll, agreement, grad = triton_backend.forward(student, rows, target, _opts(1))
+    for out in (loss, ll, agreement):
+        assert out[1].isnan() and torch.isfinite(out[[0, 2, 3]]).all()
+    assert grad[1].isnan().any() and torch.isfinite(grad[[0, 2, 3]]).all()
+
+
+def test_top_k_builds_no_dense_teacher(monkeypatch):
+    """Through the public API, the kernel's only (N, C)-sized tensors are the student and
+    its gradient: the teacher arrives as its K entries per row and level."""
+    student, teacher, target = _top_k_inputs(130, 6, 50, 4, "logprobs", num_levels=2)
+    kernel, seen = triton_backend.triton_kernels.moe_kd_topk_row_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append([a for a in args if isinstance(a, torch.Tensor)])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_backend.triton_kernels, "moe_kd_topk_row_kernel", Spy())
+    s = student.clone().requires_grad_(True)
+    fused_moe_kd_loss(s, teacher, target, backend="triton").backward()
+    (tensors,) = seen
+    large = [t for t in tensors if t.numel() >= 6 * 50]
+    assert len(large) == 2 and large[0].data_ptr() == s.data_ptr()   # the student, then the gradient
+    assert large[1].shape == (6, 50) and large[1].data_ptr() != s.data_ptr()
+    assert max(t.numel() for t in tensors if t.numel() < 6 * 50) <= 2 * 6 * 4
+
+
+def test_auto_routes_top_k_teachers_to_triton_on_gpus(monkeypatch, caplog):
+    """On CUDA tensors "cuda" comes first but reads no top-k teacher: auto takes "triton"
+    for one, and logs why (simulated: every backend reports itself available)."""
+    from moekd_kernels.backends import Backend, auto_backend
+
+    assert not BACKENDS["cuda"].top_k_teacher and BACKENDS["triton"].top_k_teacher
+    monkeypatch.setattr(Backend, "unavailable_reason", lambda self, device_type: None)
+    with caplog.at_level("INFO", logger="moekd_kernels"):
+        assert auto_backend.__wrapped__("cuda", 2, True) == "triton"
+    assert "'triton'" in caplog.text and "'cuda' cannot read one" in caplog.text
+    assert auto_backend.__wrapped__("cuda", 2, False) == "cuda"
+
+
+# Compiles the kernels for an H100/H200 (sm_90) without a GPU, outside the interpreter:
+# what the interpreter accepts, Triton's compiler may not (data-dependent Python control
+# flow, a loop over a tensor's values), and CI has no GPU to find out.
+_COMPILE_FOR_SM90 = r"""
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from moekd_kernels import triton_kernels as tk
+
+PER_LEVEL = ("tau", "inv_tau", "beta", "exp_beta", "expm1_beta", "level_weight")
+POINTERS = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "value_ptr": "*bf16", "index_ptr": "*i64",
+            "target_ptr": "*i64", "grad_ptr": "*bf16"}
+
+def compile_sm90(fn, **constants):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*fp32")
+        elif name in PER_LEVEL:
+            signature[name] = ("fp32",) * constants["L"]
+        elif name in ("gate_weight", "expert_weight"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if "stride" in name else "i32"
+    constexprs = {(fn.arg_names.index(k),): v for k, v in constants.items()}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert ".target sm_90" in kernel.asm["ptx"]
+    print(fn.__name__, constants["L"], constants.get("SEARCH"), constants["SINGLE_BLOCK"], "ok")
+
+flags = dict(HAS_EXPERT=True, HAS_GATE=True, HAS_GRAD_SCALE=True, NEED_GRAD=True)
+compile_sm90(tk.moe_kd_row_kernel, L=2, LP=2, BLOCK=1024, SINGLE_BLOCK=False, **flags)
+for (levels, search), single in itertools.product([(1, False), (2, False), (3, True)], [True, False]):
+    padded = 1 << (levels - 1).bit_length()
+    compile_sm90(tk.moe_kd_topk_row_kernel, L=levels, LP=padded, BLOCK=1024, SINGLE_BLOCK=single, KB=32,
+                 SEARCH=search, QB=32 * (padded if search else 1), **flags)
+"""
+
+
+def test_kernels_compile_for_a_gpu():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count(" ok") == 7, done.stdout
