@@ -610,7 +610,7 @@ def moe_kd_topk_row_kernel(
                                                         inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
                 grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
                                                 gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < num_classes)
+                tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols < num_classes)
             # The listed classes' stores below replace stores above, made by other threads.
             tl.debug_barrier()
             q0 = tl.arange(0, QB)
@@ -659,7 +659,7 @@ def moe_kd_topk_row_kernel(
                 grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, q_class == y, tau_v, inv_G, A, R,
                                                 gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                 # With SEARCH a class listed at several levels has several lanes: same value.
-                tl.store(grad_row + q_class, grad.to(grad_ptr.dtype.element_ty), mask=q_listed)
+                tl.store(grad_row + q_class, _round_to(grad, grad_ptr.dtype.element_ty), mask=q_listed)
 
 
 @triton.jit
