@@ -53,6 +53,10 @@ SELECTIONS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "triton-multi-block": (("tests/test_properties.py", "-k", "triton and long_rows"),
                            ("tests/test_triton_backend.py", "-k", "multi_block")),
     "cuda-emulation": (("tests/test_cuda_backend.py", "-k", "emulated_rows_match_oracle"),),
+    "top-k-reference": (("tests/test_teachers.py", "-k", "reference"),),
+    "top-k-triton": (("tests/test_triton_backend.py", "-k", "top_k"),),
+    "vocab-parallel": (("tests/test_vocab_parallel.py",),),
+    "fused-linear": (("tests/test_fused_linear.py", "-k", "chunk"),),
 }
 
 
@@ -102,13 +106,17 @@ MUTANTS: Tuple[Mutant, ...] = (
            "z_s = z_s * _rescale(m_s, m_new, 1.0) + bz_s * _rescale(bm_s, m_new, 1.0)",
            "z_s = z_s + bz_s * _rescale(bm_s, m_new, 1.0)", "triton-multi-block"),
     Mutant("triton-pass1-gate-rescale-ignores-tau", "moekd_kernels/triton_kernels.py",
-           "z_q = z_q * _rescale(m_s, m_new, inv_tau_v) + bz_q * _rescale(bm_s, m_new, inv_tau_v)",
+           "z_q = z_q * _rescale(m_s, m_new, inv_tau) + bz_q * _rescale(bm_s, m_new, inv_tau)",
            "z_q = z_q * _rescale(m_s, m_new, 1.0) + bz_q * _rescale(bm_s, m_new, 1.0)", "triton-multi-block"),
     Mutant("triton-pass2-keeps-only-the-last-log-D-block", "moekd_kernels/triton_kernels.py",
-           "u_log_D += blogD", "u_log_D = blogD", "triton-multi-block"),
+           "u_over_D += bD\n                u_log_D += blogD", "u_over_D += bD\n                u_log_D = blogD",
+           "triton-multi-block"),
     Mutant("triton-pass3-target-by-block-offset", "moekd_kernels/triton_kernels.py",
-           "grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y,",
-           "grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y,", "triton-multi-block"),
+           "inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)\n"
+           "                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y,",
+           "inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)\n"
+           "                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y,",
+           "triton-multi-block"),
     # ---- the CUDA kernel's per-thread code (csrc/cuda/moekd_row.h), run by the host emulation ----
     Mutant("cuda-pass1-merge-skips-the-rescale", "csrc/cuda/moekd_row.h",
            "a.s_sum = a.s_sum * rescale(a.s_max, M, kLog2e) + b.s_sum * rescale(b.s_max, M, kLog2e);",
@@ -117,6 +125,29 @@ MUTANTS: Tuple[Mutant, ...] = (
            "a.u_log_D_rest += b.u_log_D_rest;", "a.u_log_D_rest = b.u_log_D_rest;", "cuda-emulation"),
     Mutant("cuda-pass3-gate-sign", "csrc/cuda/moekd_row.h",
            "c.gate_tau * (c.R * q - r);", "c.gate_tau * (c.R * q + r);", "cuda-emulation"),
+    # ---- the top-k teacher: the PyTorch loader (reference) and the Triton kernel ----
+    Mutant("top-k-loader-miscounts-unlisted-classes", "moekd_kernels/phases.py",
+           "self.num_rest = width - self.in_slice.sum(2)",
+           "self.num_rest = width - self.in_slice.sum(2) - 1", "top-k-reference"),
+    Mutant("triton-top-k-miscounts-unlisted-classes", "moekd_kernels/triton_kernels.py",
+           "num_rest = num_classes - num_listed ",
+           "num_rest = num_classes - num_listed - 1 ", "top-k-triton"),
+    Mutant("triton-top-k-listed-gradient-not-rewritten", "moekd_kernels/triton_kernels.py",
+           "tl.store(grad_row + q_class, _round_to(grad, grad_ptr.dtype.element_ty), mask=q_listed)",
+           "tl.store(grad_row + q_class, _round_to(grad, grad_ptr.dtype.element_ty), mask=q_listed & False)",
+           "top-k-triton"),
+    # ---- vocab-parallel: the phases' sums and the agreement on inputs ----
+    Mutant("phases-estep-drops-log-D", "moekd_kernels/phases.py",
+           "(u * terms.D.log()).sum((0, 2))[None],", "(u * terms.D.log()).sum((0, 2))[None] * 0,",
+           "vocab-parallel"),
+    Mutant("vocab-parallel-target-range-unchecked", "moekd_kernels/vocab_parallel.py",
+           "if low < 0 or high >= total:", "if low < 0:", "vocab-parallel"),
+    # ---- fused linear: gradients accumulated over chunks ----
+    Mutant("fused-linear-bias-gradient-keeps-the-last-chunk", "moekd_kernels/fused_linear.py",
+           "grad_bias.add_(grad.sum(0, dtype=acc))", "grad_bias.copy_(grad.sum(0, dtype=acc))",
+           "fused-linear"),
+    Mutant("fused-linear-weight-gradient-keeps-the-last-chunk", "moekd_kernels/fused_linear.py",
+           "acc.addmm_(a, b)", "acc.copy_(torch.mm(a, b))", "fused-linear"),
     # The loss of a row, shared by the C++ and CUDA kernels (csrc/common/moekd_math.h).
     Mutant("row-loss-drops-a-tau", "csrc/common/moekd_math.h",
            "gate -= static_cast<double>(p.tau[l]) * p.tau[l] * s.u_log_q[l];",
