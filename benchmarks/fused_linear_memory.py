@@ -98,14 +98,6 @@ def make_step(impl: str, h_s, w_s, h_t, w_t, target, *, chunk_size=None, backend
     return step
 
 
-def _vm_hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def _release_free_memory() -> None:
     gc.collect()
     try:
@@ -120,6 +112,9 @@ def _child(impl: str, dtype_name: str, rows: int, vocab: int, hidden: int, chunk
     import torch
 
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peak_memory import _vm_hwm_bytes
+
     dtype = getattr(torch, DTYPES[dtype_name])
     inputs = make_inputs(rows, vocab, hidden, dtype)
     step = make_step(impl, *inputs, chunk_size=chunk_size, backend=backend)

@@ -9,13 +9,12 @@ from torch import Tensor, nn
 
 from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
-from .teachers import TopKTeacher, flatten_top_k_inputs, topk_rows
+from .teachers import TopKTeacher, flatten_teacher_inputs, topk_rows
 from .vocab_parallel import sharded_moe_kd_loss
 from .options import (
     PerLevel,
     check_num_items_in_batch,
     check_reduction,
-    flatten_inputs,
     option_levels,
     resolve_options,
 )
@@ -99,18 +98,10 @@ def fused_moe_kd_loss(
             gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,
             reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
             return_stats=return_stats)
-    shared_levels = option_levels(temperature, expert_strength, level_weights)
-    top_k = isinstance(teacher_logits, TopKTeacher)
-    if top_k:
-        student_2d, target_1d, teacher_levels, num_levels = flatten_top_k_inputs(
-            student_logits, teacher_logits, target, student_logits.shape[-1], shared_levels)
-    else:
-        if not (isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor)
-                and teacher_logits.shape == student_logits.shape):
-            shared_levels = None  # an (L, ..., C) teacher has its own levels
-        student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher_logits, target,
-                                                           shared_levels)
-        num_levels = teacher_3d.shape[0]
+    inputs = flatten_teacher_inputs(student_logits, teacher_logits, target,
+                                    option_levels(temperature, expert_strength, level_weights))
+    student_2d, target_1d, num_levels = inputs.student, inputs.target, inputs.num_levels
+    top_k = isinstance(inputs.teacher, TopKTeacher)
     opts = resolve_options(
         num_levels,
         temperature=temperature,
@@ -129,11 +120,11 @@ def fused_moe_kd_loss(
     # the backends skip the gradient pass and its N×C buffer.
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if top_k:
-        rows = topk_rows(teacher_logits, teacher_levels, opts.num_levels, student_2d.shape[0],
+        rows = topk_rows(inputs.teacher, inputs.teacher_levels, opts.num_levels, student_2d.shape[0],
                          student_2d.shape[1])
         teacher_values, teacher_indices, teacher_rest = rows.values, rows.indices, rows.rest
     else:
-        teacher_values, teacher_indices, teacher_rest = teacher_3d.detach(), None, None
+        teacher_values, teacher_indices, teacher_rest = inputs.teacher.detach(), None, None
 
     loss, log_likelihood, agreement, _ = moe_kd_loss(
         student_2d,

@@ -8,7 +8,7 @@ loss reads them without ever building the N×C teacher (docs/math.md, "Extension
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -168,18 +168,34 @@ def topk_rows(teacher: TopKTeacher, teacher_levels: int, num_levels: int, num_ro
     return TopKRows(indices.expand(expand), values.expand(expand), rest.expand(expand[:2]))
 
 
-def flatten_top_k_inputs(student: Tensor, teacher: TopKTeacher, target: Tensor,
-                         num_classes: Optional[int], shared_levels: Optional[int]):
-    """``options.flatten_inputs`` for a top-k teacher: student (N, C), target (N,) int64,
-    the teacher's own level count, and L (``shared_levels`` for a one-level teacher).
-    ``num_classes`` None: the indices are global classes of a sharded row (checked later)."""
+class FlatInputs(NamedTuple):
+    student: Tensor                     # (N, C)
+    teacher: Union[Tensor, TopKTeacher]  # (L, N, C) logits (views, stride 0 for a shared head), or top-k
+    target: Tensor                      # (N,) int64
+    num_levels: int                     # L
+    teacher_levels: int                 # the teacher's own level count (1 for a shared head)
+
+
+def flatten_teacher_inputs(student: Tensor, teacher, target: Tensor, shared_levels: Optional[int],
+                           *, global_indices: bool = False) -> FlatInputs:
+    """``options.flatten_inputs`` for dense and top-k teachers alike. A one-level teacher is
+    used at ``shared_levels`` levels (the per-level options' length) when that is given.
+    ``global_indices``: the student holds a slice of the classes, so a top-k teacher's indices
+    are checked against the global class count later, not here."""
     from .options import flatten_inputs
 
-    if not isinstance(student, Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor, got {_describe(student)}")
-    # The student stands in for the teacher: this checks the student and the target.
-    student_2d, _, target_1d = flatten_inputs(student, student, target)
-    teacher_levels = check_topk_teacher(teacher, tuple(student.shape[:-1]), num_classes,
-                                        student_2d.device)
-    num_levels = teacher_levels if teacher_levels > 1 else (shared_levels or 1)
-    return student_2d, target_1d, teacher_levels, num_levels
+    if isinstance(teacher, TopKTeacher):
+        if not isinstance(student, Tensor):
+            raise TypeError(f"student_logits must be a torch.Tensor, got {_describe(student)}")
+        # The student stands in for the teacher: this checks the student and the target.
+        student_2d, _, target_1d = flatten_inputs(student, student, target)
+        teacher_levels = check_topk_teacher(teacher, tuple(student.shape[:-1]),
+                                            None if global_indices else student.shape[-1],
+                                            student_2d.device)
+        num_levels = teacher_levels if teacher_levels > 1 else (shared_levels or 1)
+        return FlatInputs(student_2d, teacher, target_1d, num_levels, teacher_levels)
+    if not (isinstance(student, Tensor) and isinstance(teacher, Tensor) and teacher.shape == student.shape):
+        shared_levels = None  # an (L, ..., C) teacher has its own levels
+    student_2d, teacher_3d, target_1d = flatten_inputs(student, teacher, target, shared_levels)
+    own_levels = 1 if shared_levels else teacher_3d.shape[0]
+    return FlatInputs(student_2d, teacher_3d, target_1d, teacher_3d.shape[0], own_levels)

@@ -30,10 +30,10 @@ from torch import Tensor
 
 from . import phases
 from .backends import check_backend_name
-from .options import (check_num_items_in_batch, check_reduction, flatten_inputs, option_levels,
+from .options import (check_num_items_in_batch, check_reduction, option_levels,
                       resolve_options)
 from .reference import accumulation_dtype
-from .teachers import TopKTeacher, flatten_top_k_inputs, topk_rows
+from .teachers import TopKTeacher, flatten_teacher_inputs, topk_rows
 
 
 _AGREEMENT_FIELDS = 12
@@ -156,18 +156,11 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
     comm = Communicator(process_group)
     local_error: Optional[BaseException] = None
     try:
-        shared_levels = option_levels(temperature, expert_strength, level_weights)
-        if isinstance(teacher, TopKTeacher):
-            # The indices are global: their range is checked once C is agreed on.
-            student_2d, target_1d, teacher_levels, num_levels = flatten_top_k_inputs(
-                student_logits, teacher, target, None, shared_levels)
-        else:
-            if not (isinstance(student_logits, Tensor) and isinstance(teacher, Tensor)
-                    and teacher.shape == student_logits.shape):
-                shared_levels = None  # an (L, ..., C) teacher has its own levels
-            student_2d, teacher_3d, target_1d = flatten_inputs(student_logits, teacher, target,
-                                                               shared_levels)
-            num_levels = teacher_3d.shape[0]
+        # A top-k teacher's indices are global: their range is checked once C is agreed on.
+        inputs = flatten_teacher_inputs(student_logits, teacher, target,
+                                        option_levels(temperature, expert_strength, level_weights),
+                                        global_indices=True)
+        student_2d, target_1d, num_levels = inputs.student, inputs.target, inputs.num_levels
         opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
                                level_weights=level_weights, gate_weight=gate_weight,
                                expert_weight=expert_weight, ignore_index=ignore_index)
@@ -195,10 +188,10 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
     acc = accumulation_dtype(student_2d.dtype)
     width = student_2d.shape[1]
     if sparse:
-        rows = topk_rows(teacher, teacher_levels, opts.num_levels, student_2d.shape[0], num_classes)
+        rows = topk_rows(teacher, inputs.teacher_levels, opts.num_levels, student_2d.shape[0], num_classes)
         loader = phases.TopKTeacherSlice(rows, class_offset, width, opts, acc)
     else:
-        loader = phases.DenseTeacherSlice(teacher_3d.detach(), opts, acc)
+        loader = phases.DenseTeacherSlice(inputs.teacher.detach(), opts, acc)
     loss, log_likelihood, agreement = phases.phased_loss(
         student_2d, loader, target_1d, opts, reduction=reduction, num_classes=num_classes,
         num_items_in_batch=divisor, combine=comm, class_offset=class_offset)
