@@ -294,8 +294,10 @@ def check_gradient(name: str, actual: torch.Tensor, expected: torch.Tensor,
     a = actual.detach().cpu().double().reshape(-1, max(num_classes, 1))
     e = expected.detach().cpu().double().reshape(a.shape)
     if grad_output is not None:
-        factor = grad_output.detach().cpu().float().reshape(-1, 1)
-        twice_rounded = (e.to(dtype).float() * factor).to(dtype).double()
+        # The factor is applied in the accumulation dtype: float64 for float64 gradients.
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        factor = grad_output.detach().cpu().to(acc).reshape(-1, 1)
+        twice_rounded = (e.to(dtype).to(acc) * factor).to(dtype).double()
         e = e * factor.double()
     else:
         twice_rounded = None
