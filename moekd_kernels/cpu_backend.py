@@ -25,6 +25,7 @@ import torch
 from ._jit import (KERNEL_DTYPES, JitExtension, LoadedExtension, cache_root, check_kernel_inputs,
                    environment_key, kernel_options)
 from .options import MoEKDOptions
+from .teachers import TopKRows
 
 # -O3 and the vector ISA of this CPU, but no -ffast-math: the kernel relies on
 # IEEE inf/NaN (masked classes, NaN propagation). -fno-math-errno and
@@ -68,19 +69,27 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return EXTENSION.load()[1]
 
 
-def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
+def forward(student: torch.Tensor, teacher, target: torch.Tensor,
             opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None, need_grad: bool = True):
-    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
+    """student (N, C), teacher (L, N, C) or ``teachers.TopKRows``, target (N,) →
+    (loss, log_likelihood, agreement, grad).
 
     grad is ``grad_scale`` · ∂loss/∂s (None: 1), scaled in float before the rounding to the
     student's dtype; a 0-dim CPU tensor, so reading it here is no device sync. With
     ``need_grad=False`` the kernel skips its gradient pass and no N×C buffer is allocated:
-    grad is None, loss and stats are the same bits.
+    grad is None, loss and stats are the same bits. A top-k teacher is read as it is: the
+    kernel builds each dense teacher row in a per-thread scratch row, never N×C of them.
     """
+    scale = 1.0 if grad_scale is None else float(grad_scale)
     # Precomputed teacher logits are often float64: the kernel reads them as they are, without a copy.
+    if isinstance(teacher, TopKRows):
+        check_kernel_inputs("cpu", student, teacher.values, KERNEL_DTYPES + (torch.float64,))
+        return tuple(EXTENSION.require("cpu").moe_kd_rows_topk(
+            student, teacher.indices, teacher.values, teacher.rest, 0, target, *kernel_options(opts),
+            torch.get_num_threads(), scale, bool(need_grad),
+        ))
     check_kernel_inputs("cpu", student, teacher, KERNEL_DTYPES + (torch.float64,))
     loss, log_likelihood, agreement, grad = EXTENSION.require("cpu").moe_kd_rows(
-        student, teacher, target, *kernel_options(opts),
-        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale), bool(need_grad),
+        student, teacher, target, *kernel_options(opts), torch.get_num_threads(), scale, bool(need_grad),
     )
     return loss, log_likelihood, agreement, grad

@@ -48,32 +48,23 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::Tensor target,
-                                    std::vector<double> temperatures,
-                                    std::vector<double> expert_strengths,
-                                    std::vector<double> level_weights, double gate_weight,
-                                    double expert_weight, int64_t ignore_index,
-                                    int64_t num_threads, double grad_scale, bool need_grad) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && target.device().is_cpu(),
-              "the cpu backend takes CPU tensors");
-  const moekd::binding::RowInputs in = moekd::binding::check_row_inputs(
-      student, teacher, target, temperatures, expert_strengths, level_weights, "cpu");
+// The kernel call both entry points share: outputs, the student and target fields, params.
+std::vector<at::Tensor> run_rows(const moekd::binding::RowInputs& in, moekd::cpu::RowsArgs& args,
+                                 const std::vector<double>& temperatures,
+                                 const std::vector<double>& expert_strengths,
+                                 const std::vector<double>& level_weights, double gate_weight,
+                                 double expert_weight, int64_t ignore_index, int64_t num_threads,
+                                 double grad_scale, bool need_grad) {
   const auto student_dtype = kernel_dtype(in.student, "student_logits", false);
-  const auto teacher_dtype = kernel_dtype(in.teacher, "teacher_logits", true);
   std::vector<at::Tensor> out = moekd::binding::allocate_outputs(in, need_grad);
   at::Tensor &loss = out[0], &log_likelihood = out[1], &agreement = out[2], &grad = out[3];
   if (need_grad) advise_huge_pages(grad.data_ptr(), grad.nbytes());
 
-  moekd::cpu::RowsArgs args;
   args.num_rows = in.N;
   args.num_classes = in.C;
   args.student = in.student.data_ptr();
   args.student_dtype = student_dtype;
   args.student_row_stride = in.student.stride(0);
-  args.teacher = in.teacher.data_ptr();
-  args.teacher_dtype = teacher_dtype;
-  args.teacher_level_stride = in.teacher.stride(0);
-  args.teacher_row_stride = in.teacher.stride(1);
   args.target = in.target.data_ptr<int64_t>();
   args.loss = loss.data_ptr<float>();
   args.log_likelihood = log_likelihood.data_ptr<float>();
@@ -93,6 +84,80 @@ std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::
   return out;
 }
 
+std::vector<at::Tensor> moe_kd_rows(at::Tensor student, at::Tensor teacher, at::Tensor target,
+                                    std::vector<double> temperatures,
+                                    std::vector<double> expert_strengths,
+                                    std::vector<double> level_weights, double gate_weight,
+                                    double expert_weight, int64_t ignore_index,
+                                    int64_t num_threads, double grad_scale, bool need_grad) {
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && target.device().is_cpu(),
+              "the cpu backend takes CPU tensors");
+  const moekd::binding::RowInputs in = moekd::binding::check_row_inputs(
+      student, teacher, target, temperatures, expert_strengths, level_weights, "cpu");
+  moekd::cpu::RowsArgs args;
+  args.teacher = in.teacher.data_ptr();
+  args.teacher_dtype = kernel_dtype(in.teacher, "teacher_logits", true);
+  args.teacher_level_stride = in.teacher.stride(0);
+  args.teacher_row_stride = in.teacher.stride(1);
+  return run_rows(in, args, temperatures, expert_strengths, level_weights, gate_weight, expert_weight,
+                  ignore_index, num_threads, grad_scale, need_grad);
+}
+
+// A top-k teacher: indices (L, N, K) int64 (global classes; class_offset is the first
+// class of this student's slice), values (L, N, K), rest (L, N). Read through their
+// strides; only rest (L·N floats) is converted.
+std::vector<at::Tensor> moe_kd_rows_topk(at::Tensor student, at::Tensor indices, at::Tensor values,
+                                         at::Tensor rest, int64_t class_offset, at::Tensor target,
+                                         std::vector<double> temperatures,
+                                         std::vector<double> expert_strengths,
+                                         std::vector<double> level_weights, double gate_weight,
+                                         double expert_weight, int64_t ignore_index,
+                                         int64_t num_threads, double grad_scale, bool need_grad) {
+  TORCH_CHECK(student.device().is_cpu() && indices.device().is_cpu() && values.device().is_cpu() &&
+                  rest.device().is_cpu() && target.device().is_cpu(),
+              "the cpu backend takes CPU tensors");
+  using moekd::binding::shape_of;
+  TORCH_CHECK_VALUE(indices.dim() == 3, "top-k indices must be (L, N, K), got ", shape_of(indices));
+  TORCH_CHECK_VALUE(values.sizes() == indices.sizes(), "top-k values must be shaped like the indices ",
+                    shape_of(indices), ", got ", shape_of(values));
+  TORCH_CHECK_VALUE(rest.dim() == 2 && rest.size(0) == indices.size(0) && rest.size(1) == indices.size(1),
+                    "top-k rest must be (L, N) = (", indices.size(0), ", ", indices.size(1), "), got ",
+                    shape_of(rest));
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "top-k indices must be int64, got ",
+                   indices.scalar_type());
+  TORCH_CHECK_TYPE(rest.scalar_type() == at::kFloat || rest.scalar_type() == at::kDouble,
+                   "top-k rest must be float32 or float64, got ", rest.scalar_type());
+  // check_row_inputs checks the student, target and options against (L, N, C); the
+  // teacher it is given is a stand-in of that shape that is never read.
+  const int64_t L = indices.size(0), N = indices.size(1);
+  // (C floats, class stride 1, so no copy is made of it).
+  const at::Tensor stand_in =
+      student.dim() == 2 ? at::empty({student.size(1)}, student.options()).expand({L, student.size(0), student.size(1)})
+                         : student;
+  moekd::binding::RowInputs in = moekd::binding::check_row_inputs(
+      student, stand_in, target, temperatures, expert_strengths, level_weights, "cpu");
+  TORCH_CHECK_VALUE(N == in.N, "top-k indices must have ", in.N, " rows, got ", shape_of(indices));
+  // One head at L levels keeps level stride 0: convert that one row of rests, not L.
+  const bool shared = L > 1 && rest.stride(0) == 0;
+  const at::Tensor rest_f = shared ? rest.select(0, 0).to(at::kFloat).contiguous().unsqueeze(0).expand({L, N})
+                                   : rest.to(at::kFloat).contiguous();
+  moekd::cpu::RowsArgs args;
+  args.topk_indices = indices.data_ptr<int64_t>();
+  args.topk_values = values.data_ptr();
+  args.topk_values_dtype = kernel_dtype(values, "top-k values", true);
+  args.topk_rest = rest_f.data_ptr<float>();
+  args.topk_k = indices.size(2);
+  args.topk_class_offset = class_offset;
+  for (int d = 0; d < 3; ++d) {
+    args.topk_index_strides[d] = indices.stride(d);
+    args.topk_value_strides[d] = values.stride(d);
+  }
+  args.topk_rest_strides[0] = rest_f.stride(0);
+  args.topk_rest_strides[1] = rest_f.stride(1);
+  return run_rows(in, args, temperatures, expert_strengths, level_weights, gate_weight, expert_weight,
+                  ignore_index, num_threads, grad_scale, need_grad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -101,6 +166,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(student (N,C), teacher (L,N,C), target (N,), temperatures, expert_strengths, "
         "level_weights, gate_weight, expert_weight, ignore_index, num_threads, grad_scale, need_grad) -> "
         "[loss, log_likelihood, agreement, grad_scale · grad, or None without need_grad]");
+  m.def("moe_kd_rows_topk", &moe_kd_rows_topk,
+        "(student (N,C), indices (L,N,K) int64, values (L,N,K), rest (L,N), class_offset, target (N,), "
+        "the options as moe_kd_rows) -> as moe_kd_rows, for the dense teacher row rest with values at "
+        "indices - class_offset");
   m.def("exp_for_test", &moekd::cpu::exp_for_test, "the kernel's exp, for accuracy tests");
   m.def("log_for_test", &moekd::cpu::log_for_test, "the kernel's log (x >= 1), for accuracy tests");
 }

@@ -269,9 +269,60 @@ struct Pass1 {
   double Zq[kMaxLevels];           // Σ exp((s − max s)/τ_ℓ)
 };
 
+// The teacher loaders: each writes t_ℓ/τ_ℓ of row n into the float scratch row et
+// and returns its maximum, and the passes run the same after either.
+
+// A dense teacher (L, N, C) of dtype TT, read once.
+template <typename TT>
+struct DenseTeacher {
+  static MOEKD_INLINE float load_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                        int64_t C) {
+    // A level stride of 0 (one teacher head at L temperatures) reads the same row L times.
+    const TT* t_in = static_cast<const TT*>(a.teacher) + l * a.teacher_level_stride +
+                     n * a.teacher_row_stride;
+    float t_max = -kInf;
+#pragma omp simd reduction(max : t_max)
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = to_float(t_in[c]) * inv_tau;
+      et[c] = v;
+      t_max = v > t_max ? v : t_max;
+    }
+    return t_max;
+  }
+};
+
+// A top-k teacher with values of dtype TV: the rest logit at every class, then the
+// listed values written over it; its cost is C stores and K reads, never an N×C buffer.
+template <typename TV>
+struct TopKTeacher {
+  static MOEKD_INLINE float load_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                        int64_t C) {
+    const float rest = a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) et[c] = rest;
+    const int64_t* idx = a.topk_indices + l * a.topk_index_strides[0] + n * a.topk_index_strides[1];
+    const TV* val = static_cast<const TV*>(a.topk_values) + l * a.topk_value_strides[0] +
+                    n * a.topk_value_strides[1];
+    const int64_t ik = a.topk_index_strides[2], vk = a.topk_value_strides[2];
+    float t_max = -kInf;
+    int64_t listed = 0;
+    for (int64_t k = 0; k < a.topk_k; ++k) {
+      const float v = to_float(val[k * vk]);
+      const int64_t c = idx[k * ik] - a.topk_class_offset;
+      if (v == -kInf || c < 0 || c >= C) continue;  // padding, or another slice's class
+      et[c] = v * inv_tau;
+      t_max = v * inv_tau > t_max ? v * inv_tau : t_max;  // a NaN value is skipped here, summed later
+      ++listed;
+    }
+    // The rest logit is some class's only where a class is left unlisted.
+    if (listed < C) t_max = rest > t_max ? rest : t_max;
+    return t_max;
+  }
+};
+
 // Pass 1: maxima, then every exp of the row, each taken once and kept in the scratch
 // rows: es = exp(s − max s), eq_ℓ = exp((s − max s)/τ_ℓ), et_ℓ = exp(t_ℓ/τ_ℓ − max).
-template <typename TS, typename TT>
+template <typename TS, typename Teacher>
 Pass1 pass1_exps(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
   const int L = p.num_levels;
@@ -297,18 +348,8 @@ Pass1 pass1_exps(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   r.s_max = s_max;
 
   for (int l = 0; l < L; ++l) {
-    // A level stride of 0 (one teacher head at L temperatures) reads the same row L times.
-    const TT* t_in = static_cast<const TT*>(a.teacher) + l * a.teacher_level_stride +
-                     n * a.teacher_row_stride;
     float* et = sc.et[l];
-    const float inv_tau = p.inv_tau[l];
-    float t_max = -kInf;
-#pragma omp simd reduction(max : t_max)
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = to_float(t_in[c]) * inv_tau;
-      et[c] = v;
-      t_max = v > t_max ? v : t_max;
-    }
+    const float t_max = Teacher::load_scaled(a, l, n, p.inv_tau[l], et, C);
     r.Zt[l] = exp_scaled_sum(et, et, C, t_max, 1.0f);
   }
   r.Zs = exp_scaled_sum(r.s, sc.es, C, s_max, 1.0f);
@@ -461,7 +502,7 @@ void store_gradient(TS* grad_row, const float* g, int64_t C, const Scratch& sc) 
 
 // One row: its special cases, then the three passes. a.grad == nullptr (need_grad
 // false) stops after pass 2: the loss and stats do not depend on pass 3.
-template <typename TS, typename TT>
+template <typename TS, typename Teacher>
 void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
   TS* grad_row = a.grad != nullptr ? static_cast<TS*>(a.grad) + n * C : nullptr;
@@ -477,7 +518,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     return;
   }
 
-  const Pass1 r1 = pass1_exps<TS, TT>(a, p, n, sc);
+  const Pass1 r1 = pass1_exps<TS, Teacher>(a, p, n, sc);
   const float s_y = r1.s[y];  // s may live in the scratch row that pass 3 overwrites
   const double log_sigma_y = (static_cast<double>(s_y) - r1.s_max) - std::log(r1.Zs);
   const Pass2 r2 = pass2_sums(p, C, y, r1, sc);
@@ -494,7 +535,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   store_gradient(grad_row, g, C, sc);
 }
 
-template <typename TS, typename TT>
+template <typename TS, typename Teacher>
 void run(const RowsArgs& a, const Params& p, int num_threads) {
   const int64_t N = a.num_rows, C = a.num_classes;
   if (N <= 0 || C <= 0) return;
@@ -524,17 +565,26 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
     sc.sf = mine + stride * (1 + 2 * L);
     sc.out = need_grad ? mine + stride * (2 + 2 * L) : nullptr;
 #pragma omp for schedule(dynamic, chunk)
-    for (int64_t n = 0; n < N; ++n) process_row<TS, TT>(a, p, n, sc);
+    for (int64_t n = 0; n < N; ++n) process_row<TS, Teacher>(a, p, n, sc);
   }
 }
 
 template <typename TS>
 void dispatch_teacher(const RowsArgs& a, const Params& p, int num_threads) {
+  if (a.teacher == nullptr) {
+    switch (a.topk_values_dtype) {
+      case DType::kFloat32: return run<TS, TopKTeacher<float>>(a, p, num_threads);
+      case DType::kBFloat16: return run<TS, TopKTeacher<BF16>>(a, p, num_threads);
+      case DType::kFloat16: return run<TS, TopKTeacher<F16>>(a, p, num_threads);
+      case DType::kFloat64: return run<TS, TopKTeacher<double>>(a, p, num_threads);
+    }
+    return;
+  }
   switch (a.teacher_dtype) {
-    case DType::kFloat32: return run<TS, float>(a, p, num_threads);
-    case DType::kBFloat16: return run<TS, BF16>(a, p, num_threads);
-    case DType::kFloat16: return run<TS, F16>(a, p, num_threads);
-    case DType::kFloat64: return run<TS, double>(a, p, num_threads);
+    case DType::kFloat32: return run<TS, DenseTeacher<float>>(a, p, num_threads);
+    case DType::kBFloat16: return run<TS, DenseTeacher<BF16>>(a, p, num_threads);
+    case DType::kFloat16: return run<TS, DenseTeacher<F16>>(a, p, num_threads);
+    case DType::kFloat64: return run<TS, DenseTeacher<double>>(a, p, num_threads);
   }
 }
 

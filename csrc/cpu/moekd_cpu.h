@@ -30,6 +30,21 @@ struct RowsArgs {
   int64_t teacher_level_stride = 0;
   int64_t teacher_row_stride = 0;
 
+  // A top-k teacher instead (teacher == nullptr): the dense row it stands for is
+  // topk_rest[ℓ, n] at every class and topk_values[ℓ, n, k] at topk_indices[ℓ, n, k]
+  // − topk_class_offset (indices are global; those outside [0, C) belong to other class
+  // slices and are skipped, as are −inf values: padding). Listed indices are distinct.
+  // Strides in elements, any of them (a level stride of 0 reads one head L times).
+  const int64_t* topk_indices = nullptr;  // (L, N, K)
+  const void* topk_values = nullptr;      // (L, N, K)
+  DType topk_values_dtype = DType::kFloat32;
+  const float* topk_rest = nullptr;       // (L, N)
+  int64_t topk_k = 0;
+  int64_t topk_class_offset = 0;
+  int64_t topk_index_strides[3] = {0, 0, 0};
+  int64_t topk_value_strides[3] = {0, 0, 0};
+  int64_t topk_rest_strides[2] = {0, 0};
+
   const int64_t* target = nullptr;    // (N,), contiguous
 
   float* loss = nullptr;              // (N,) outputs, contiguous
