@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import phases
-from .backends import check_backend_name
+from .backends import BACKENDS, resolve_sharded_backend, sharded_backend_names
 from .options import (check_num_items_in_batch, check_reduction, flatten_inputs, option_levels,
                       resolve_options)
 from .reference import accumulation_dtype
@@ -142,8 +142,8 @@ def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *,
     return int(widths[:rank].sum()), total
 
 
-# The backends whose tensors the sharded path takes: it runs its phases in PyTorch on any device.
-SHARDED_BACKENDS = ("auto", "reference")
+# The backends the sharded path takes: those whose table entry names phase functions.
+SHARDED_BACKENDS = sharded_backend_names()
 
 
 def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
@@ -175,9 +175,14 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
         if isinstance(process_group, bool) or not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
-        if check_backend_name(backend) not in SHARDED_BACKENDS:
-            raise ValueError(f"backend={backend!r} does not take a process_group yet: the sharded "
-                             f"path runs its phases in PyTorch; use backend='auto' or 'reference'")
+        sparse = isinstance(teacher, TopKTeacher)
+        try:
+            resolved = resolve_sharded_backend(backend, student_2d.device, student_2d.dtype, num_levels,
+                                               sparse)
+        except RuntimeError as exc:  # an unavailable kernel: every rank must learn of it too
+            raise ValueError(str(exc)) from exc
+        impl = BACKENDS[resolved].load_phases()
+        impl.check_inputs(student_2d, teacher.values if sparse else teacher_3d)
         if not isinstance(return_stats, bool):
             raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
         divisor = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
@@ -185,7 +190,6 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
         local_error = exc  # every rank must learn of it before the first heavy collective
         agree_on_inputs(comm, local_error)
 
-    sparse = isinstance(teacher, TopKTeacher)
     class_offset, num_classes = agree_on_inputs(
         comm, None, num_classes=student_2d.shape[1], num_rows=student_2d.shape[0],
         num_levels=opts.num_levels, target=target_1d, ignore_index=opts.ignore_index,
@@ -196,12 +200,12 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
     width = student_2d.shape[1]
     if sparse:
         rows = topk_rows(teacher, teacher_levels, opts.num_levels, student_2d.shape[0], num_classes)
-        loader = phases.TopKTeacherSlice(rows, class_offset, width, opts, acc)
+        loader = impl.top_k_teacher(rows, class_offset, width, opts, acc)
     else:
-        loader = phases.DenseTeacherSlice(teacher_3d.detach(), opts, acc)
+        loader = impl.dense_teacher(teacher_3d.detach(), opts, acc)
     loss, log_likelihood, agreement = phases.phased_loss(
         student_2d, loader, target_1d, opts, reduction=reduction, num_classes=num_classes,
-        num_items_in_batch=divisor, combine=comm, class_offset=class_offset)
+        num_items_in_batch=divisor, combine=comm, class_offset=class_offset, impl=impl)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:
