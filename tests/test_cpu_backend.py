@@ -536,8 +536,9 @@ def _dense_of(rows, num_classes):
                                                  (torch.float16, torch.float64), (torch.float32, torch.float16)])
 @pytest.mark.parametrize("kind", ["logits", "logprobs"])
 @pytest.mark.parametrize("num_classes, k, num_levels", [(1, 1, 1), (53, 53, 2), (2500, 40, 3), (1500, 7, 1)])
-def test_top_k_teacher_gives_the_bits_of_its_dense_teacher(dtype, values_dtype, kind, num_classes, k, num_levels):
-    """The top-k loader fills the scratch row that the dense loader would: same bits out,
+def test_top_k_teacher_equals_its_dense_teacher(dtype, values_dtype, kind, num_classes, k, num_levels):
+    """The top-k loader fills the scratch row of exponentials that the dense loader would
+    (its sum formed in double, not in float blocks): the same results to float32 rounding,
     for every values dtype, one head shared by the levels (level stride 0), padding, and
     indices and values read through non-unit strides."""
     from moekd_kernels.teachers import TopKTeacher, topk_rows
@@ -565,8 +566,17 @@ def test_top_k_teacher_gives_the_bits_of_its_dense_teacher(dtype, values_dtype, 
         got = cpu_backend.forward(student, rows, target, opts, torch.tensor(0.25), need_grad)
         want = cpu_backend.forward(student, _dense_of(rows, num_classes), target, opts, torch.tensor(0.25),
                                    need_grad)
-        for a, b in zip(got, want):
-            assert (a is None and b is None) or _bitwise_equal(a, b)
+        for name, a, b in zip(("loss", "log_likelihood", "agreement", "grad"), got, want):
+            if a is None or b is None:
+                assert a is None and b is None and name == "grad" and not need_grad
+                continue
+            assert a.dtype == b.dtype
+            a, b = a.double(), b.double()
+            # One float32 rounding of Z_t apart: ~1e-7 relative, scaled up by the loss's sums;
+            # low-precision gradients may round one ulp apart.
+            rel = 2e-6 if name != "grad" or dtype == torch.float32 else 2 ** -7
+            bound = rel * b.abs() + 1e-6 * b.abs().amax(-1, keepdim=True)
+            assert bool(((a - b).abs() <= bound).all()), (name, float(((a - b).abs() / bound).max()))
 
 
 def test_top_k_binding_checks_its_tensors():

@@ -289,6 +289,13 @@ struct DenseTeacher {
     }
     return t_max;
   }
+
+  // et = exp(t_ℓ/τ_ℓ − m), m = *shift or (nullptr) the row's maximum; returns Σ et.
+  static MOEKD_INLINE double load_exp(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                      int64_t C, const float* shift) {
+    const float t_max = load_scaled(a, l, n, inv_tau, et, C);
+    return exp_scaled_sum(et, et, C, shift != nullptr ? *shift : t_max, 1.0f);
+  }
 };
 
 // A top-k teacher with values of dtype TV: the rest logit at every class, then the
@@ -317,6 +324,41 @@ struct TopKTeacher {
     // The rest logit is some class's only where a class is left unlisted.
     if (listed < C) t_max = rest > t_max ? rest : t_max;
     return t_max;
+  }
+
+  // load_scaled's row, exponentiated: every unlisted class shares one exp, so the row costs
+  // K + 1 exps and C stores instead of C exps. The sum is formed in double.
+  static MOEKD_INLINE double load_exp(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                      int64_t C, const float* shift) {
+    const float rest = a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
+    const int64_t* idx = a.topk_indices + l * a.topk_index_strides[0] + n * a.topk_index_strides[1];
+    const TV* val = static_cast<const TV*>(a.topk_values) + l * a.topk_value_strides[0] +
+                    n * a.topk_value_strides[1];
+    const int64_t ik = a.topk_index_strides[2], vk = a.topk_value_strides[2];
+    float t_max = -kInf;
+    int64_t listed = 0;
+    for (int64_t k = 0; k < a.topk_k; ++k) {
+      const float v = to_float(val[k * vk]);
+      const int64_t c = idx[k * ik] - a.class_offset;
+      if (v == -kInf || c < 0 || c >= C) continue;
+      t_max = v * inv_tau > t_max ? v * inv_tau : t_max;
+      ++listed;
+    }
+    if (listed < C) t_max = rest > t_max ? rest : t_max;
+    const float m = shift != nullptr ? *shift : t_max;
+    const float e_rest = fast_exp_nonpos(rest - m);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) et[c] = e_rest;
+    double total = listed < C ? static_cast<double>(C - listed) * e_rest : 0.0;
+    for (int64_t k = 0; k < a.topk_k; ++k) {
+      const float v = to_float(val[k * vk]);
+      const int64_t c = idx[k * ik] - a.class_offset;
+      if (v == -kInf || c < 0 || c >= C) continue;
+      const float e = fast_exp_nonpos(v * inv_tau - m);
+      et[c] = e;
+      total += e;
+    }
+    return total;
   }
 };
 
@@ -349,8 +391,7 @@ Pass1 pass1_exps(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
 
   for (int l = 0; l < L; ++l) {
     float* et = sc.et[l];
-    const float t_max = Teacher::load_scaled(a, l, n, p.inv_tau[l], et, C);
-    r.Zt[l] = exp_scaled_sum(et, et, C, t_max, 1.0f);
+    r.Zt[l] = Teacher::load_exp(a, l, n, p.inv_tau[l], et, C, nullptr);
   }
   r.Zs = exp_scaled_sum(r.s, sc.es, C, s_max, 1.0f);
   for (int l = 0; l < L; ++l) r.Zq[l] = exp_scaled_sum(r.s, sc.eq[l], C, s_max, p.inv_tau[l]);
@@ -641,9 +682,8 @@ void sums_of_exp_row(const PhaseArgs& a, const Params& p, int64_t n, const Phase
   for (int l = 0; l < L; ++l)
     a.row_out[(1 + l) * N + n] = static_cast<float>(exp_scaled_sum(s, sc.es, C, M, p.inv_tau[l]));
   for (int l = 0; l < L; ++l) {
-    Teacher::load_scaled(a.rows, l, n, p.inv_tau[l], sc.et, C);
-    a.row_out[(1 + L + l) * N + n] =
-        static_cast<float>(exp_scaled_sum(sc.et, sc.et, C, a.row_in[(1 + l) * N + n], 1.0f));
+    a.row_out[(1 + L + l) * N + n] = static_cast<float>(
+        Teacher::load_exp(a.rows, l, n, p.inv_tau[l], sc.et, C, &a.row_in[(1 + l) * N + n]));
   }
 }
 
@@ -679,8 +719,7 @@ void estep_row(const PhaseArgs& a, const Params& p, int64_t n, const PhaseScratc
   double u_over_D = 0.0, u_log_D = 0.0;
   for (int l = 0; l < L; ++l) {
     float* et = sc.et;
-    Teacher::load_scaled(a.rows, l, n, p.inv_tau[l], et, C);
-    exp_scaled_sum(et, et, C, nm.lse_t[l], 1.0f);  // π_ℓ
+    Teacher::load_exp(a.rows, l, n, p.inv_tau[l], et, C, &nm.lse_t[l]);  // π_ℓ
     const float x_scale = static_cast<float>(p.expm1_beta[l]);
     const float inv_tau = p.inv_tau[l];
     const float log_Zq = nm.log_z_q[l];
@@ -754,8 +793,7 @@ void gradient_row(const PhaseArgs& a, const Params& p, int64_t n, const PhaseScr
   double target_expert = sigma_y * A - 1.0, target_gate = 0.0;
   for (int l = 0; l < L; ++l) {
     float* et = sc.et;
-    Teacher::load_scaled(a.rows, l, n, p.inv_tau[l], et, C);
-    exp_scaled_sum(et, et, C, nm.lse_t[l], 1.0f);  // π_ℓ
+    Teacher::load_exp(a.rows, l, n, p.inv_tau[l], et, C, &nm.lse_t[l]);  // π_ℓ
     const double R = a.row_in[(4 + 2 * L + l) * N + n];
     const float x_scale = static_cast<float>(p.expm1_beta[l]);
     const float lam_e_x_scale = static_cast<float>(lam_e * p.expm1_beta[l]);
