@@ -10,6 +10,9 @@ Implementations:
                        beforehand (its memory is not counted; its time is not either)
     torch_topk_kd      plain PyTorch top-k KD: scatter the top-k into a dense −inf tensor,
                        then F.kl_div and F.cross_entropy (classic KD, not MoE-KD), each step
+    topk_cpu_kernel    (with --impls) the CPU kernel alone, cpu_backend.forward with the
+    dense_cpu_kernel   backend's top-k rows or the densified teacher: no input checks, no
+                       autograd; what the teacher loader itself costs
 
 Peak extra memory is measured as in peak_memory.py (VmHWM reset after a warm-up step),
 in units of one N×C float32 buffer; the returned gradient counts.
@@ -59,6 +62,30 @@ def _child(impl: str, dtype_name: str, rows: int, classes: int, k: int) -> dict:
 
         def loss_fn(s, t, y):
             return fused_moe_kd_loss(s, dense, y, **options)
+    elif impl in ("topk_cpu_kernel", "dense_cpu_kernel"):
+        from moekd_kernels import cpu_backend
+        from moekd_kernels.options import resolve_options
+        from moekd_kernels.teachers import topk_rows
+
+        opts = resolve_options(1, level_weights=None, gate_weight=1.0, expert_weight=1.0, ignore_index=-100,
+                               **options)
+        dense = (topk_rows(teacher, 1, 1, rows, classes) if impl == "topk_cpu_kernel"
+                 else teacher.to_dense(classes).to(dtype)[None])
+
+        def step():
+            return cpu_backend.forward(student, dense, target, opts)[3]
+
+        step()
+        timing = benchmarking.time_fn(step, "cpu", warmup=1, min_reps=3, max_reps=20, target_s=3.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = psutil.Process().memory_info().rss
+        grad = step()
+        peak = _vm_hwm_bytes()
+        del grad
+        return {"impl": impl, "dtype": dtype_name, "N": rows, "C": classes, "K": k,
+                "median_ms": timing.median_s * 1e3, "reps": timing.reps,
+                "peak_extra_fp32_buffers": (peak - before) / (rows * classes * 4)}
     else:
         dense = None
 

@@ -40,6 +40,9 @@ class Backend:
     description: str
     max_levels: Optional[int] = None  # teacher levels the kernel holds (None: any)
     top_k_teacher: bool = False       # reads a teachers.TopKRows teacher
+    # "module:attribute" of its phase functions over a class slice (phases.TorchPhases is the
+    # contract), which the vocab-parallel path runs; None: it takes no process_group.
+    phases: Optional[str] = None
 
     def supports_levels(self, num_levels: int) -> bool:
         return self.max_levels is None or num_levels <= self.max_levels
@@ -63,14 +66,19 @@ class Backend:
     def forward(self, *args):
         return self.load().forward(*args)
 
+    def load_phases(self):
+        module, attribute = self.phases.split(":")
+        return getattr(importlib.import_module(module, __package__), attribute)
+
 
 BACKENDS: Dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("reference", ".reference", ("cpu", "cuda", "meta"),
-                "pure PyTorch closed form; any device", top_k_teacher=True),
+                "pure PyTorch closed form; any device", top_k_teacher=True, phases=".phases:PYTORCH"),
         Backend("cpu", ".cpu_backend", ("cpu",),
-                "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS),
+                "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS,
+                top_k_teacher=True, phases=".cpu_backend:phases"),
         Backend("triton", ".triton_backend", ("cuda", "cpu"),
                 "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1", top_k_teacher=True),
         Backend("cuda", ".cuda_backend", ("cuda",),
@@ -170,6 +178,32 @@ def _resolve(name: str, device_type: str, dtype: torch.dtype, num_levels: int,
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available: {reason}")
     return name
+
+
+def sharded_backend_names() -> Tuple[str, ...]:
+    """The backend names a process_group call takes: those with phase functions, and "auto"."""
+    return ("auto",) + tuple(n for n, b in BACKENDS.items() if b.phases is not None)
+
+
+def resolve_sharded_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                            num_levels: int = 1, top_k_teacher: bool = False) -> str:
+    """``resolve_backend`` for the vocab-parallel path: "auto" is the first entry of
+    AUTO_ORDER with phase functions that is available and takes the inputs."""
+    check_backend_name(name)
+    if name not in sharded_backend_names():
+        raise ValueError(f"backend={name!r} does not take a process_group; use one of "
+                         f"{sharded_backend_names()}")
+    device_type = torch.device(device).type
+    if name != "auto":
+        return _resolve(name, device_type, dtype, num_levels, top_k_teacher)
+    if dtype == torch.float64:
+        return _FALLBACK
+    for candidate in AUTO_ORDER.get(device_type, ()):
+        backend = BACKENDS[candidate]
+        if (backend.phases is not None and backend.supports(num_levels, top_k_teacher)
+                and backend.unavailable_reason(device_type) is None):
+            return candidate
+    return _FALLBACK
 
 
 def available_backends(device_type: str = "cpu") -> Tuple[str, ...]:

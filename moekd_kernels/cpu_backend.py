@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ._jit import (KERNEL_DTYPES, JitExtension, LoadedExtension, cache_root, check_kernel_inputs,
                    environment_key, kernel_options)
 from .options import MoEKDOptions
+from .teachers import TopKRows
 
 # -O3 and the vector ISA of this CPU, but no -ffast-math: the kernel relies on
 # IEEE inf/NaN (masked classes, NaN propagation). -fno-math-errno and
@@ -68,19 +69,92 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return EXTENSION.load()[1]
 
 
-def forward(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor,
+def forward(student: torch.Tensor, teacher, target: torch.Tensor,
             opts: MoEKDOptions, grad_scale: Optional[torch.Tensor] = None, need_grad: bool = True):
-    """student (N, C), teacher (L, N, C), target (N,) → (loss, log_likelihood, agreement, grad).
+    """student (N, C), teacher (L, N, C) or ``teachers.TopKRows``, target (N,) →
+    (loss, log_likelihood, agreement, grad).
 
     grad is ``grad_scale`` · ∂loss/∂s (None: 1), scaled in float before the rounding to the
     student's dtype; a 0-dim CPU tensor, so reading it here is no device sync. With
     ``need_grad=False`` the kernel skips its gradient pass and no N×C buffer is allocated:
-    grad is None, loss and stats are the same bits.
+    grad is None, loss and stats are the same bits. A top-k teacher is read as it is: the
+    kernel builds each dense teacher row in a per-thread scratch row, never N×C of them.
     """
+    scale = 1.0 if grad_scale is None else float(grad_scale)
     # Precomputed teacher logits are often float64: the kernel reads them as they are, without a copy.
+    if isinstance(teacher, TopKRows):
+        check_kernel_inputs("cpu", student, teacher.values, KERNEL_DTYPES + (torch.float64,))
+        return tuple(EXTENSION.require("cpu").moe_kd_rows_topk(
+            student, teacher.indices, teacher.values, teacher.rest, 0, target, *kernel_options(opts),
+            torch.get_num_threads(), scale, bool(need_grad),
+        ))
     check_kernel_inputs("cpu", student, teacher, KERNEL_DTYPES + (torch.float64,))
     loss, log_likelihood, agreement, grad = EXTENSION.require("cpu").moe_kd_rows(
-        student, teacher, target, *kernel_options(opts),
-        torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale), bool(need_grad),
+        student, teacher, target, *kernel_options(opts), torch.get_num_threads(), scale, bool(need_grad),
     )
     return loss, log_likelihood, agreement, grad
+
+
+class _SliceTeacher(NamedTuple):
+    """The teacher of a class slice as the phase kernels take it: dense logits (L, N, C_r),
+    or a top-k teacher (global indices) and the slice's first class."""
+
+    dense: Optional[torch.Tensor]
+    rows: Optional[TopKRows]
+    class_offset: int
+    opts: MoEKDOptions
+
+
+class _CpuPhases:
+    """The phase functions of ``phases.py`` (same signatures, same results up to float32
+    rounding), run by the C++ kernel on a class slice: per row, one thread and its scratch
+    rows, and the teacher read by the same loaders as the fused kernel (a top-k teacher
+    never becomes N×C_r)."""
+
+    @staticmethod
+    def check_inputs(student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """The dtypes the kernel takes; ``teacher`` the dense logits or the top-k values."""
+        check_kernel_inputs("cpu", student, teacher if teacher.dim() == 3 else teacher[None],
+                            KERNEL_DTYPES + (torch.float64,))
+
+    @staticmethod
+    def dense_teacher(logits: torch.Tensor, opts: MoEKDOptions, acc: torch.dtype) -> _SliceTeacher:
+        return _SliceTeacher(logits, None, 0, opts)
+
+    @staticmethod
+    def top_k_teacher(rows: TopKRows, class_offset: int, width: int, opts: MoEKDOptions,
+                      acc: torch.dtype) -> _SliceTeacher:
+        return _SliceTeacher(None, rows, class_offset, opts)
+
+    @staticmethod
+    def _run(phase: int, student, teacher: _SliceTeacher, target, row_in, grad_scale: float = 1.0):
+        opts = teacher.opts
+        if target is None:  # the first two phases do not read it
+            target = torch.zeros(student.shape[0], dtype=torch.long)
+        top_k = teacher.rows if teacher.rows is not None else (None, None, None)
+        return EXTENSION.require("cpu").moe_kd_phase(
+            phase, student, teacher.dense, *top_k, teacher.class_offset, target, row_in,
+            *kernel_options(opts), torch.get_num_threads(), grad_scale)
+
+    def row_maxima(self, student, teacher: _SliceTeacher, acc):
+        return self._run(0, student, teacher, None, None)
+
+    def row_sums_of_exp(self, student, teacher: _SliceTeacher, opts, maxima):
+        return self._run(1, student, teacher, None, maxima)
+
+    def estep_sums(self, student, teacher: _SliceTeacher, target, opts, norm, class_offset):
+        return self._run(2, student, teacher._replace(class_offset=class_offset), target, _norm_rows(norm))
+
+    def slice_gradient(self, student, teacher: _SliceTeacher, target, opts, norm, rows, class_offset,
+                       grad_scale=None):
+        row_in = torch.cat([_norm_rows(norm), rows.inv_G[None], rows.A[None], rows.R])
+        return self._run(3, student, teacher._replace(class_offset=class_offset), target, row_in,
+                         1.0 if grad_scale is None else float(grad_scale))
+
+
+def _norm_rows(norm) -> torch.Tensor:
+    """phases.Normalisers as the kernel's (2 + 2L, N) rows."""
+    return torch.cat([norm.max_s[None], norm.lse_s[None], norm.log_z_q, norm.lse_t])
+
+
+phases = _CpuPhases()

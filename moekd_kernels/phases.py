@@ -251,6 +251,26 @@ def slice_gradient(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
     return torch.where(valid, grad, torch.zeros_like(grad)).to(student.dtype)
 
 
+class TorchPhases:
+    """The phase functions in PyTorch, as a backend exposes them (``backends.Backend.phases``):
+    the loaders of a slice's teacher, then the three phases. A kernel backend's object has the
+    same members and takes the loaders it builds itself."""
+
+    @staticmethod
+    def check_inputs(student: Tensor, teacher: Tensor) -> None:
+        """Anything PyTorch computes with is taken."""
+
+    dense_teacher = DenseTeacherSlice
+    top_k_teacher = TopKTeacherSlice
+    row_maxima = staticmethod(row_maxima)
+    row_sums_of_exp = staticmethod(row_sums_of_exp)
+    estep_sums = staticmethod(estep_sums)
+    slice_gradient = staticmethod(slice_gradient)
+
+
+PYTORCH = TorchPhases()
+
+
 class LocalCombine:
     """``phased_loss``'s combine step on one device: the slice is the whole row."""
 
@@ -263,19 +283,20 @@ class LocalCombine:
 
 def slice_rows(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, num_classes: int,
                grad_scale: Optional[Tensor] = None, need_grad: bool = True, combine=None,
-               class_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+               class_offset: int = 0, impl=PYTORCH) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """The backend contract's (loss, log_likelihood, agreement, grad) for the rows whose
     classes [class_offset, class_offset + C_r) of ``num_classes`` are ``student`` (N, C_r),
-    with ``teacher`` the loader of the same slice; ``combine`` joins the slices' partial
-    results between the phases (None: this slice is the whole row)."""
+    with ``teacher`` the loader of the same slice (built by ``impl``, whose phase functions
+    run); ``combine`` joins the slices' partial results between the phases (None: this
+    slice is the whole row)."""
     combine = combine or LocalCombine()
     acc = accumulation_dtype(student.dtype)
-    maxima = combine.max_(row_maxima(student, teacher, acc))
-    norm = normalisers(maxima, combine.sum_(row_sums_of_exp(student, teacher, opts, maxima)),
+    maxima = combine.max_(impl.row_maxima(student, teacher, acc).to(acc))
+    norm = normalisers(maxima, combine.sum_(impl.row_sums_of_exp(student, teacher, opts, maxima).to(acc)),
                        opts.num_levels)
-    rows = finalize(combine.sum_(estep_sums(student, teacher, target, opts, norm, class_offset)),
-                    target, opts, num_classes)
-    grad = (slice_gradient(student, teacher, target, opts, norm, rows, class_offset, grad_scale)
+    sums = impl.estep_sums(student, teacher, target, opts, norm, class_offset).to(acc)
+    rows = finalize(combine.sum_(sums), target, opts, num_classes)
+    grad = (impl.slice_gradient(student, teacher, target, opts, norm, rows, class_offset, grad_scale)
             if need_grad else None)
     return rows.loss, rows.log_likelihood, rows.agreement, grad
 
@@ -283,11 +304,11 @@ def slice_rows(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, 
 class _PhasedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, target, opts, combine, class_offset, num_classes, divisor,
-                reduction, need_grad):
+                reduction, need_grad, impl):
         loss, log_likelihood, agreement, grad = slice_rows(
             student, teacher, target, opts, num_classes=num_classes,
             grad_scale=None if divisor is None else 1.0 / divisor, need_grad=need_grad,
-            combine=combine, class_offset=class_offset)
+            combine=combine, class_offset=class_offset, impl=impl)
         if reduction != "none":
             loss = loss.sum() if divisor is None else loss.sum() / divisor
         ctx.mark_non_differentiable(log_likelihood, agreement)
@@ -302,14 +323,16 @@ class _PhasedLoss(torch.autograd.Function):
             raise RuntimeError("moekd_kernels: double backward through the MoE-KD loss is not supported "
                                "(its gradient is first-order only)")
         factor = grad_loss.expand(ctx.num_rows).to(accumulation_dtype(grad.dtype))
-        return ((grad * factor[:, None]).to(grad.dtype),) + (None,) * 9
+        return ((grad * factor[:, None]).to(grad.dtype),) + (None,) * 10
 
 
 def phased_loss(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, reduction: str,
-                num_classes: int, num_items_in_batch=None, combine=None, class_offset: int = 0):
+                num_classes: int, num_items_in_batch=None, combine=None, class_offset: int = 0,
+                impl=PYTORCH):
     """(loss, log_likelihood (N,), agreement (N,)) of the rows whose slice of classes
     [class_offset, class_offset + C_r) is ``student`` (N, C_r), with the teacher loader
-    ``teacher`` for the same slice. ``loss`` is reduced over the whole rows (it is the
+    ``teacher`` for the same slice, built by ``impl`` (a backend's phase functions).
+    ``loss`` is reduced over the whole rows (it is the
     same on every slice once ``combine`` has joined them), and its gradient with respect
     to ``student`` is this slice's.
     """
@@ -322,4 +345,4 @@ def phased_loss(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *,
         divisor = None
     need_grad = torch.is_grad_enabled() and student.requires_grad
     return _PhasedLoss.apply(student, teacher, target, opts, combine, class_offset, num_classes,
-                             divisor, reduction, need_grad)
+                             divisor, reduction, need_grad, impl)

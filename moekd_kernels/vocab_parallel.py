@@ -2,8 +2,11 @@
 
 Rank r holds the logits of the contiguous class slice [o_r, o_r + C_r), the
 slices in rank order; the target holds global class indices and is the same on
-every rank. The three phases of ``phases.py`` run on each slice, and between
-them the per-row partial results cross the group as all-reduces:
+every rank. The three phases of ``phases.py`` run on each slice, computed by the
+resolved backend's phase functions (``backends.Backend.phases``: the PyTorch ones
+for "reference", the C++ kernel's for "cpu"; "auto" takes the first of AUTO_ORDER
+that has them), and between them the per-row partial results cross the group as
+all-reduces:
 
     agreement   all_gather of 12 int64 per rank        slice sizes, shapes, target and option checks
     phase 1     all_reduce MAX of (1 + L) per row     max s, max t_ℓ/τ_ℓ
@@ -29,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import phases
-from .backends import check_backend_name
+from .backends import BACKENDS, resolve_sharded_backend
 from .options import (check_num_items_in_batch, check_reduction, option_levels,
                       resolve_options)
 from .reference import accumulation_dtype
@@ -142,8 +145,6 @@ def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *,
     return int(widths[:rank].sum()), total
 
 
-# The backends whose tensors the sharded path takes: it runs its phases in PyTorch on any device.
-SHARDED_BACKENDS = ("auto", "reference")
 
 
 def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
@@ -168,9 +169,14 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
         if isinstance(process_group, bool) or not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
                             f"got {type(process_group).__name__}")
-        if check_backend_name(backend) not in SHARDED_BACKENDS:
-            raise ValueError(f"backend={backend!r} does not take a process_group yet: the sharded "
-                             f"path runs its phases in PyTorch; use backend='auto' or 'reference'")
+        sparse = isinstance(teacher, TopKTeacher)
+        try:
+            resolved = resolve_sharded_backend(backend, student_2d.device, student_2d.dtype, num_levels,
+                                               sparse)
+        except RuntimeError as exc:  # an unavailable kernel: every rank must learn of it too
+            raise ValueError(str(exc)) from exc
+        impl = BACKENDS[resolved].load_phases()
+        impl.check_inputs(student_2d, teacher.values if sparse else inputs.teacher)
         if not isinstance(return_stats, bool):
             raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
         divisor = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
@@ -178,7 +184,6 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
         local_error = exc  # every rank must learn of it before the first heavy collective
         agree_on_inputs(comm, local_error)
 
-    sparse = isinstance(teacher, TopKTeacher)
     class_offset, num_classes = agree_on_inputs(
         comm, None, num_classes=student_2d.shape[1], num_rows=student_2d.shape[0],
         num_levels=opts.num_levels, target=target_1d, ignore_index=opts.ignore_index,
@@ -189,12 +194,12 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
     width = student_2d.shape[1]
     if sparse:
         rows = topk_rows(teacher, inputs.teacher_levels, opts.num_levels, student_2d.shape[0], num_classes)
-        loader = phases.TopKTeacherSlice(rows, class_offset, width, opts, acc)
+        loader = impl.top_k_teacher(rows, class_offset, width, opts, acc)
     else:
-        loader = phases.DenseTeacherSlice(inputs.teacher.detach(), opts, acc)
+        loader = impl.dense_teacher(inputs.teacher.detach(), opts, acc)
     loss, log_likelihood, agreement = phases.phased_loss(
         student_2d, loader, target_1d, opts, reduction=reduction, num_classes=num_classes,
-        num_items_in_batch=divisor, combine=comm, class_offset=class_offset)
+        num_items_in_batch=divisor, combine=comm, class_offset=class_offset, impl=impl)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:

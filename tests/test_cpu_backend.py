@@ -518,3 +518,77 @@ def test_teacher_shared_by_levels_is_read_in_place(class_strided):
     want = cpu_backend.forward(s, shared.contiguous(), y, opts)
     for a, b in zip(got, want):
         assert _bitwise_equal(a, b)
+
+
+# ---- a top-k teacher, loaded row by row into the kernel's scratch ------------------------
+
+def _dense_of(rows, num_classes):
+    """The dense (L, N, C) teacher a TopKRows stands for, in the dtype the kernel reads it in."""
+    dtype = torch.float64 if rows.values.dtype == torch.float64 else torch.float32
+    dense = rows.rest.to(dtype)[..., None].expand(*rows.rest.shape, num_classes + 1).clone()
+    listed = ~torch.isneginf(rows.values)
+    index = torch.where(listed, rows.indices, num_classes)  # padding lands in a spare column
+    return dense.scatter(-1, index, rows.values.to(dtype))[..., :num_classes]
+
+
+@pytest.mark.parametrize("dtype, values_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float64), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("kind", ["logits", "logprobs"])
+@pytest.mark.parametrize("num_classes, k, num_levels", [(1, 1, 1), (53, 53, 2), (2500, 40, 3), (1500, 7, 1)])
+def test_top_k_teacher_equals_its_dense_teacher(dtype, values_dtype, kind, num_classes, k, num_levels):
+    """The top-k loader fills the scratch row of exponentials that the dense loader would
+    (its sum formed in double, not in float blocks): the same results to float32 rounding,
+    for every values dtype, one head shared by the levels (level stride 0), padding, and
+    indices and values read through non-unit strides."""
+    from moekd_kernels.teachers import TopKTeacher, topk_rows
+
+    g = torch.Generator().manual_seed(num_classes + k)
+    N = 9
+    student = (3 * torch.randn(N, num_classes, generator=g)).to(dtype)
+    target = torch.randint(0, num_classes, (N,), generator=g)
+    target[4] = -100
+    logits = 3 * torch.randn(N, num_classes, generator=g, dtype=torch.float64)
+    values, indices = logits.topk(k, dim=-1)
+    if kind == "logprobs":
+        values = torch.log_softmax(logits, -1).gather(-1, indices)
+    values = values.to(values_dtype)
+    values[2, 1:] = -math.inf
+    # Non-unit strides over K: every other column of a twice-as-wide buffer.
+    wide_i = torch.zeros(N, 2 * k, dtype=torch.long)
+    wide_v = torch.zeros(N, 2 * k, dtype=values_dtype)
+    wide_i[:, ::2], wide_v[:, ::2] = indices, values
+    rows = topk_rows(TopKTeacher(wide_i[:, ::2], wide_v[:, ::2], kind), 1, num_levels, N, num_classes)
+    assert rows.indices.stride(-1) == 2 and (num_levels == 1 or rows.values.stride(0) == 0)
+    opts = _options(num_levels, temperature=[1.0, 2.0, 4.0][:num_levels],
+                    expert_strength=[0.5, 2.0, 8.0][:num_levels])
+    for need_grad in (True, False):
+        got = cpu_backend.forward(student, rows, target, opts, torch.tensor(0.25), need_grad)
+        want = cpu_backend.forward(student, _dense_of(rows, num_classes), target, opts, torch.tensor(0.25),
+                                   need_grad)
+        for name, a, b in zip(("loss", "log_likelihood", "agreement", "grad"), got, want):
+            if a is None or b is None:
+                assert a is None and b is None and name == "grad" and not need_grad
+                continue
+            assert a.dtype == b.dtype
+            a, b = a.double(), b.double()
+            # One float32 rounding of Z_t apart: ~1e-7 relative, scaled up by the loss's sums;
+            # low-precision gradients may round one ulp apart.
+            rel = 2e-6 if name != "grad" or dtype == torch.float32 else 2 ** -7
+            bound = rel * b.abs() + 1e-6 * b.abs().amax(-1, keepdim=True)
+            assert bool(((a - b).abs() <= bound).all()), (name, float(((a - b).abs() / bound).max()))
+
+
+def test_top_k_binding_checks_its_tensors():
+    ext = cpu_backend.EXTENSION.require("cpu")
+    student, target = torch.randn(3, 8), torch.zeros(3, dtype=torch.long)
+    indices, values, rest = torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 2), torch.zeros(1, 3)
+    options = ([4.0], [2.0], [1.0], 1.0, 1.0, -100, 1, 1.0, True)
+    for args, message in (
+        ((student, indices, values[..., :1], rest), "top-k values must be shaped like the indices"),
+        ((student, indices.int(), values, rest), "top-k indices must be int64"),
+        ((student, indices, values, rest[:, :2]), r"top-k rest must be \(L, N\)"),
+        ((student, indices[:, :2], values[:, :2], rest[:, :2]), "top-k indices must have 3 rows"),
+        ((student, indices, values, rest.half()), "top-k rest must be float32 or float64"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=message):
+            ext.moe_kd_rows_topk(*args, 0, target, *options)

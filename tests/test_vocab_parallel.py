@@ -57,8 +57,32 @@ def _slices(num_classes: int, widths):
 WIDTHS = {1: [11], 2: [5, 6], 3: [1, 6, 4]}
 
 
-def _conformance_worker(rank: int, world: int, port: int) -> None:
+def _sharded_backends():
+    """The backends with phase functions that can run here (under CI, every one must)."""
+    from moekd_kernels.backends import BACKENDS
+
+    names = []
+    for name, backend in BACKENDS.items():
+        if backend.phases is None:
+            continue
+        reason = backend.unavailable_reason("cpu")
+        if reason is not None and os.environ.get("CI") == "true":
+            pytest.fail(f"backend {name!r} has phase functions but cannot run: {reason}")
+        if reason is None:
+            names.append(name)
+    assert "reference" in names
+    return names
+
+
+def _conformance_worker(rank: int, world: int, port: int, backends) -> None:
     _init(rank, world, port)
+    for backend in backends:
+        _check_conformance(rank, world, backend)
+        _check_sharded_top_k_teacher(rank, _slices(11, WIDTHS[world]), backend)
+    dist.destroy_process_group()
+
+
+def _check_conformance(rank: int, world: int, backend: str) -> None:
     from moekd_kernels import fused_moe_kd_loss, vocab_parallel
     from oracle import Case, float64_oracle
 
@@ -83,7 +107,7 @@ def _conformance_worker(rank: int, world: int, port: int) -> None:
         lo, hi = offsets[rank], offsets[rank + 1]
         shard = student[..., lo:hi].clone().requires_grad_(True)
         loss, stats = fused_moe_kd_loss(shard, teacher[..., lo:hi], target, reduction=reduction,
-                                        process_group=group, return_stats=True, **options)
+                                        process_group=group, return_stats=True, backend=backend, **options)
         grad_out = (torch.rand(target.shape, generator=g, dtype=torch.float64) + 0.5
                     if reduction == "none" else torch.tensor(2.0, dtype=torch.float64))
         loss.backward(grad_out.to(loss.dtype))
@@ -114,13 +138,11 @@ def _conformance_worker(rank: int, world: int, port: int) -> None:
             bound = tol * want.abs().max().clamp_min(1e-30) if name == "grad" else tol * want.abs() + 1e-7
             err = (got - want).abs()
             assert bool((err <= bound).all()), \
-                f"world {world} rank {rank} seed {seed} {name}: max err {float(err.max()):.3g}"
+                f"{backend}: world {world} rank {rank} seed {seed} {name}: max err {float(err.max()):.3g}"
         assert shard.grad.dtype == dtype
-    _check_sharded_top_k_teacher(rank, offsets)
-    dist.destroy_process_group()
 
 
-def _check_sharded_top_k_teacher(rank: int, offsets) -> None:
+def _check_sharded_top_k_teacher(rank: int, offsets, backend: str) -> None:
     """A TopKTeacher holds global class indices, the same on every rank."""
     from moekd_kernels import TopKTeacher, fused_moe_kd_loss
 
@@ -134,7 +156,8 @@ def _check_sharded_top_k_teacher(rank: int, offsets) -> None:
     teacher = TopKTeacher(indices, values, "logprobs")
     lo, hi = offsets[rank], offsets[rank + 1]
     shard = student[:, lo:hi].clone().requires_grad_(True)
-    loss = fused_moe_kd_loss(shard, teacher, target, process_group=dist.group.WORLD, reduction="sum")
+    loss = fused_moe_kd_loss(shard, teacher, target, process_group=dist.group.WORLD, reduction="sum",
+                             backend=backend)
     loss.backward()
     full = student.clone().requires_grad_(True)
     expected = fused_moe_kd_loss(full, teacher, target, reduction="sum")
@@ -146,7 +169,7 @@ def _check_sharded_top_k_teacher(rank: int, offsets) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_equals_unsharded(world):
-    _run(_conformance_worker, world)
+    _run(_conformance_worker, world, _sharded_backends())
 
 
 def _bad_input_worker(rank: int, world: int, port: int) -> None:
@@ -185,3 +208,16 @@ def _check_bad_input(rank: int, world: int, which: str) -> None:
 def test_bad_input_on_one_rank_makes_every_rank_raise():
     """Bad target, shape or options on rank 1 only: both ranks raise, and neither hangs."""
     _run(_bad_input_worker, 2)
+
+
+def test_auto_picks_the_first_backend_with_phase_functions():
+    from moekd_kernels.backends import BACKENDS, resolve_sharded_backend
+
+    available = [n for n in ("cpu", "reference") if BACKENDS[n].unavailable_reason("cpu") is None]
+    assert resolve_sharded_backend("auto", torch.device("cpu")) == available[0]
+    assert resolve_sharded_backend("auto", torch.device("cpu"), torch.float64) == "reference"
+    assert resolve_sharded_backend("auto", torch.device("cpu"), top_k_teacher=True) == available[0]
+    for name in ("triton", "cuda"):
+        if BACKENDS[name].phases is None:
+            with pytest.raises(ValueError, match=f"backend='{name}' does not take a process_group"):
+                resolve_sharded_backend(name, torch.device("cpu"))

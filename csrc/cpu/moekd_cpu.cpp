@@ -269,9 +269,102 @@ struct Pass1 {
   double Zq[kMaxLevels];           // Σ exp((s − max s)/τ_ℓ)
 };
 
+// The teacher loaders: each writes t_ℓ/τ_ℓ of row n into the float scratch row et
+// and returns its maximum, and the passes run the same after either.
+
+// A dense teacher (L, N, C) of dtype TT, read once.
+template <typename TT>
+struct DenseTeacher {
+  static MOEKD_INLINE float load_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                        int64_t C) {
+    // A level stride of 0 (one teacher head at L temperatures) reads the same row L times.
+    const TT* t_in = static_cast<const TT*>(a.teacher) + l * a.teacher_level_stride +
+                     n * a.teacher_row_stride;
+    float t_max = -kInf;
+#pragma omp simd reduction(max : t_max)
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = to_float(t_in[c]) * inv_tau;
+      et[c] = v;
+      t_max = v > t_max ? v : t_max;
+    }
+    return t_max;
+  }
+
+  // et = exp(t_ℓ/τ_ℓ − m), m = *shift or (nullptr) the row's maximum; returns Σ et.
+  static MOEKD_INLINE double load_exp(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                      int64_t C, const float* shift) {
+    const float t_max = load_scaled(a, l, n, inv_tau, et, C);
+    return exp_scaled_sum(et, et, C, shift != nullptr ? *shift : t_max, 1.0f);
+  }
+};
+
+// A top-k teacher with values of dtype TV: the rest logit at every class, then the
+// listed values written over it; its cost is C stores and K reads, never an N×C buffer.
+template <typename TV>
+struct TopKTeacher {
+  static MOEKD_INLINE float load_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                        int64_t C) {
+    const float rest = a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) et[c] = rest;
+    const int64_t* idx = a.topk_indices + l * a.topk_index_strides[0] + n * a.topk_index_strides[1];
+    const TV* val = static_cast<const TV*>(a.topk_values) + l * a.topk_value_strides[0] +
+                    n * a.topk_value_strides[1];
+    const int64_t ik = a.topk_index_strides[2], vk = a.topk_value_strides[2];
+    float t_max = -kInf;
+    int64_t listed = 0;
+    for (int64_t k = 0; k < a.topk_k; ++k) {
+      const float v = to_float(val[k * vk]);
+      const int64_t c = idx[k * ik] - a.class_offset;
+      if (v == -kInf || c < 0 || c >= C) continue;  // padding, or another slice's class
+      et[c] = v * inv_tau;
+      t_max = v * inv_tau > t_max ? v * inv_tau : t_max;  // a NaN value is skipped here, summed later
+      ++listed;
+    }
+    // The rest logit is some class's only where a class is left unlisted.
+    if (listed < C) t_max = rest > t_max ? rest : t_max;
+    return t_max;
+  }
+
+  // load_scaled's row, exponentiated: every unlisted class shares one exp, so the row costs
+  // K + 1 exps and C stores instead of C exps. The sum is formed in double.
+  static MOEKD_INLINE double load_exp(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                      int64_t C, const float* shift) {
+    const float rest = a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
+    const int64_t* idx = a.topk_indices + l * a.topk_index_strides[0] + n * a.topk_index_strides[1];
+    const TV* val = static_cast<const TV*>(a.topk_values) + l * a.topk_value_strides[0] +
+                    n * a.topk_value_strides[1];
+    const int64_t ik = a.topk_index_strides[2], vk = a.topk_value_strides[2];
+    float t_max = -kInf;
+    int64_t listed = 0;
+    for (int64_t k = 0; k < a.topk_k; ++k) {
+      const float v = to_float(val[k * vk]);
+      const int64_t c = idx[k * ik] - a.class_offset;
+      if (v == -kInf || c < 0 || c >= C) continue;
+      t_max = v * inv_tau > t_max ? v * inv_tau : t_max;
+      ++listed;
+    }
+    if (listed < C) t_max = rest > t_max ? rest : t_max;
+    const float m = shift != nullptr ? *shift : t_max;
+    const float e_rest = fast_exp_nonpos(rest - m);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) et[c] = e_rest;
+    double total = listed < C ? static_cast<double>(C - listed) * e_rest : 0.0;
+    for (int64_t k = 0; k < a.topk_k; ++k) {
+      const float v = to_float(val[k * vk]);
+      const int64_t c = idx[k * ik] - a.class_offset;
+      if (v == -kInf || c < 0 || c >= C) continue;
+      const float e = fast_exp_nonpos(v * inv_tau - m);
+      et[c] = e;
+      total += e;
+    }
+    return total;
+  }
+};
+
 // Pass 1: maxima, then every exp of the row, each taken once and kept in the scratch
 // rows: es = exp(s − max s), eq_ℓ = exp((s − max s)/τ_ℓ), et_ℓ = exp(t_ℓ/τ_ℓ − max).
-template <typename TS, typename TT>
+template <typename TS, typename Teacher>
 Pass1 pass1_exps(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
   const int L = p.num_levels;
@@ -297,19 +390,8 @@ Pass1 pass1_exps(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   r.s_max = s_max;
 
   for (int l = 0; l < L; ++l) {
-    // A level stride of 0 (one teacher head at L temperatures) reads the same row L times.
-    const TT* t_in = static_cast<const TT*>(a.teacher) + l * a.teacher_level_stride +
-                     n * a.teacher_row_stride;
     float* et = sc.et[l];
-    const float inv_tau = p.inv_tau[l];
-    float t_max = -kInf;
-#pragma omp simd reduction(max : t_max)
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = to_float(t_in[c]) * inv_tau;
-      et[c] = v;
-      t_max = v > t_max ? v : t_max;
-    }
-    r.Zt[l] = exp_scaled_sum(et, et, C, t_max, 1.0f);
+    r.Zt[l] = Teacher::load_exp(a, l, n, p.inv_tau[l], et, C, nullptr);
   }
   r.Zs = exp_scaled_sum(r.s, sc.es, C, s_max, 1.0f);
   for (int l = 0; l < L; ++l) r.Zq[l] = exp_scaled_sum(r.s, sc.eq[l], C, s_max, p.inv_tau[l]);
@@ -461,7 +543,7 @@ void store_gradient(TS* grad_row, const float* g, int64_t C, const Scratch& sc) 
 
 // One row: its special cases, then the three passes. a.grad == nullptr (need_grad
 // false) stops after pass 2: the loss and stats do not depend on pass 3.
-template <typename TS, typename TT>
+template <typename TS, typename Teacher>
 void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& sc) {
   const int64_t C = a.num_classes;
   TS* grad_row = a.grad != nullptr ? static_cast<TS*>(a.grad) + n * C : nullptr;
@@ -477,7 +559,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
     return;
   }
 
-  const Pass1 r1 = pass1_exps<TS, TT>(a, p, n, sc);
+  const Pass1 r1 = pass1_exps<TS, Teacher>(a, p, n, sc);
   const float s_y = r1.s[y];  // s may live in the scratch row that pass 3 overwrites
   const double log_sigma_y = (static_cast<double>(s_y) - r1.s_max) - std::log(r1.Zs);
   const Pass2 r2 = pass2_sums(p, C, y, r1, sc);
@@ -494,7 +576,7 @@ void process_row(const RowsArgs& a, const Params& p, int64_t n, const Scratch& s
   store_gradient(grad_row, g, C, sc);
 }
 
-template <typename TS, typename TT>
+template <typename TS, typename Teacher>
 void run(const RowsArgs& a, const Params& p, int num_threads) {
   const int64_t N = a.num_rows, C = a.num_classes;
   if (N <= 0 || C <= 0) return;
@@ -524,21 +606,284 @@ void run(const RowsArgs& a, const Params& p, int num_threads) {
     sc.sf = mine + stride * (1 + 2 * L);
     sc.out = need_grad ? mine + stride * (2 + 2 * L) : nullptr;
 #pragma omp for schedule(dynamic, chunk)
-    for (int64_t n = 0; n < N; ++n) process_row<TS, TT>(a, p, n, sc);
+    for (int64_t n = 0; n < N; ++n) process_row<TS, Teacher>(a, p, n, sc);
   }
 }
 
 template <typename TS>
 void dispatch_teacher(const RowsArgs& a, const Params& p, int num_threads) {
+  if (a.teacher == nullptr) {
+    switch (a.topk_values_dtype) {
+      case DType::kFloat32: return run<TS, TopKTeacher<float>>(a, p, num_threads);
+      case DType::kBFloat16: return run<TS, TopKTeacher<BF16>>(a, p, num_threads);
+      case DType::kFloat16: return run<TS, TopKTeacher<F16>>(a, p, num_threads);
+      case DType::kFloat64: return run<TS, TopKTeacher<double>>(a, p, num_threads);
+    }
+    return;
+  }
   switch (a.teacher_dtype) {
-    case DType::kFloat32: return run<TS, float>(a, p, num_threads);
-    case DType::kBFloat16: return run<TS, BF16>(a, p, num_threads);
-    case DType::kFloat16: return run<TS, F16>(a, p, num_threads);
-    case DType::kFloat64: return run<TS, double>(a, p, num_threads);
+    case DType::kFloat32: return run<TS, DenseTeacher<float>>(a, p, num_threads);
+    case DType::kBFloat16: return run<TS, DenseTeacher<BF16>>(a, p, num_threads);
+    case DType::kFloat16: return run<TS, DenseTeacher<F16>>(a, p, num_threads);
+    case DType::kFloat64: return run<TS, DenseTeacher<double>>(a, p, num_threads);
+  }
+}
+
+
+// ---- the phases over a class slice ------------------------------------------------------
+
+// Per-thread scratch of the phases: float rows of the slice's width.
+struct PhaseScratch {
+  float* es;   // σ or exp(s − M)
+  float* et;   // one level's teacher row
+  float* sf;   // s as float (low-precision students)
+  float* g;    // the float gradient row
+  void* out;   // the gradient row in the output dtype
+};
+
+template <typename TS>
+MOEKD_INLINE const float* student_row(const RowsArgs& a, int64_t n, float* sf) {
+  const TS* s_in = static_cast<const TS*>(a.student) + n * a.student_row_stride;
+  if (std::is_same<TS, float>::value) return reinterpret_cast<const float*>(s_in);
+#pragma omp simd
+  for (int64_t c = 0; c < a.num_classes; ++c) sf[c] = to_float(s_in[c]);
+  return sf;
+}
+
+MOEKD_INLINE float row_max(const float* x, int64_t C) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < C; ++c) m = x[c] > m ? x[c] : m;
+  return m;
+}
+
+// The target's index in this slice, or −1 where another slice holds it (or it is ignored).
+MOEKD_INLINE int64_t local_target(const RowsArgs& a, const Params& p, int64_t n) {
+  const int64_t y = a.target[n];
+  const int64_t local = y - a.class_offset;
+  return y == p.ignore_index || local < 0 || local >= a.num_classes ? -1 : local;
+}
+
+template <typename TS, typename Teacher>
+void maxima_row(const PhaseArgs& a, const Params& p, int64_t n, const PhaseScratch& sc) {
+  const int64_t C = a.rows.num_classes, N = a.rows.num_rows;
+  a.row_out[n] = row_max(student_row<TS>(a.rows, n, sc.sf), C);
+  for (int l = 0; l < p.num_levels; ++l)
+    a.row_out[(1 + l) * N + n] = Teacher::load_scaled(a.rows, l, n, p.inv_tau[l], sc.et, C);
+}
+
+template <typename TS, typename Teacher>
+void sums_of_exp_row(const PhaseArgs& a, const Params& p, int64_t n, const PhaseScratch& sc) {
+  const int64_t C = a.rows.num_classes, N = a.rows.num_rows;
+  const int L = p.num_levels;
+  const float* s = student_row<TS>(a.rows, n, sc.sf);
+  const float M = a.row_in[n];  // the global maxima: every exponent is <= 0
+  a.row_out[n] = static_cast<float>(exp_scaled_sum(s, sc.es, C, M, 1.0f));
+  for (int l = 0; l < L; ++l)
+    a.row_out[(1 + l) * N + n] = static_cast<float>(exp_scaled_sum(s, sc.es, C, M, p.inv_tau[l]));
+  for (int l = 0; l < L; ++l) {
+    a.row_out[(1 + L + l) * N + n] = static_cast<float>(
+        Teacher::load_exp(a.rows, l, n, p.inv_tau[l], sc.et, C, &a.row_in[(1 + l) * N + n]));
+  }
+}
+
+// The normalisers of row n as the phases pass them: max_s, lse_s, log_z_q (L), lse_t (L).
+struct RowNorm {
+  float max_s, lse_s, log_z_q[kMaxLevels], lse_t[kMaxLevels];
+};
+
+MOEKD_INLINE RowNorm row_norm(const PhaseArgs& a, int L, int64_t n) {
+  const int64_t N = a.rows.num_rows;
+  RowNorm r;
+  r.max_s = a.row_in[n];
+  r.lse_s = a.row_in[N + n];
+  for (int l = 0; l < L; ++l) {
+    r.log_z_q[l] = a.row_in[(2 + l) * N + n];
+    r.lse_t[l] = a.row_in[(2 + L + l) * N + n];
+  }
+  return r;
+}
+
+template <typename TS, typename Teacher>
+void estep_row(const PhaseArgs& a, const Params& p, int64_t n, const PhaseScratch& sc) {
+  const int64_t C = a.rows.num_classes, N = a.rows.num_rows;
+  const int L = p.num_levels;
+  if (a.rows.target[n] == p.ignore_index) {  // finalize gives such rows 0 whatever their sums
+    for (int k = 0; k < 3 + 3 * L; ++k) a.row_out[k * N + n] = 0.0f;
+    return;
+  }
+  const int64_t y = local_target(a.rows, p, n);
+  const float* s = student_row<TS>(a.rows, n, sc.sf);
+  const RowNorm nm = row_norm(a, L, n);
+  exp_scaled_sum(s, sc.es, C, nm.lse_s, 1.0f);  // σ
+  double u_over_D = 0.0, u_log_D = 0.0;
+  for (int l = 0; l < L; ++l) {
+    float* et = sc.et;
+    Teacher::load_exp(a.rows, l, n, p.inv_tau[l], et, C, &nm.lse_t[l]);  // π_ℓ
+    const float x_scale = static_cast<float>(p.expm1_beta[l]);
+    const float inv_tau = p.inv_tau[l];
+    const float log_Zq = nm.log_z_q[l];
+    const float pi_y = y >= 0 ? et[y] : 0.0f;
+    if (y >= 0) et[y] = 0.0f;  // the target is added with its boost below
+    double sum_u = 0.0, sum_uD = 0.0, sum_ulogD = 0.0, sum_ulogq = 0.0;
+    for (int64_t b0 = 0; b0 < C; b0 += kSumBlock) {
+      const int64_t b1 = std::min(C, b0 + kSumBlock);
+      float acc_u = 0.0f, acc_uD = 0.0f, acc_ulogD = 0.0f, acc_ulogq = 0.0f;
+#pragma omp simd reduction(+ : acc_u, acc_uD, acc_ulogD, acc_ulogq)
+      for (int64_t c = b0; c < b1; ++c) {
+        const ClassTerms t = class_terms(et[c], sc.es[c], x_scale, 0.0f, 0.0f);
+        const float log_q = mul_add(s[c] - nm.max_s, inv_tau, -log_Zq);
+        acc_u += t.u;
+        acc_uD += t.u_over_D;
+        acc_ulogD = mul_add(t.u, t.log_D, acc_ulogD);
+        acc_ulogq = mul_add(t.u, t.u == 0.0f ? 0.0f : log_q, acc_ulogq);  // 0 · log 0 = 0
+      }
+      sum_u += acc_u;
+      sum_uD += acc_uD;
+      sum_ulogD += acc_ulogD;
+      sum_ulogq += acc_ulogq;
+    }
+    double u_y = 0.0;
+    if (y >= 0) {
+      const double x = p.expm1_beta[l] * static_cast<double>(sc.es[y]);
+      const double D = 1.0 + x;
+      u_y = p.exp_beta[l] * pi_y / D;
+      sum_u += u_y;
+      sum_uD += u_y / D;
+      sum_ulogD += u_y * std::log1p(x);
+      if (u_y != 0.0)
+        sum_ulogq += u_y * ((static_cast<double>(s[y]) - nm.max_s) * inv_tau - log_Zq);
+    }
+    const double w = p.level_weight[l];
+    u_over_D += w * sum_uD;
+    u_log_D += w * sum_ulogD;
+    a.row_out[(3 + l) * N + n] = static_cast<float>(w * sum_u);
+    a.row_out[(3 + L + l) * N + n] = static_cast<float>(w * sum_ulogq);
+    a.row_out[(3 + 2 * L + l) * N + n] = static_cast<float>(w * u_y);
+  }
+  a.row_out[n] = static_cast<float>(u_over_D);
+  a.row_out[N + n] = static_cast<float>(u_log_D);
+  a.row_out[2 * N + n] = y >= 0 ? static_cast<float>(static_cast<double>(s[y]) - nm.lse_s) : 0.0f;
+}
+
+// g_j = λ_e (σ_j A + Σ_ℓ r_ℓj x_ℓj/D_ℓj − [j = y]) + λ_g Σ_ℓ τ_ℓ (R_ℓ q_ℓj − r_ℓj), times grad_scale;
+// the target's element in double.
+template <typename TS, typename Teacher>
+void gradient_row(const PhaseArgs& a, const Params& p, int64_t n, const PhaseScratch& sc) {
+  const int64_t C = a.rows.num_classes, N = a.rows.num_rows;
+  const int L = p.num_levels;
+  TS* grad_row = static_cast<TS*>(a.rows.grad) + n * C;
+  if (a.rows.target[n] == p.ignore_index) {
+    std::memset(static_cast<void*>(grad_row), 0, sizeof(TS) * C);
+    return;
+  }
+  const int64_t y = local_target(a.rows, p, n);
+  const float* s = student_row<TS>(a.rows, n, sc.sf);
+  const RowNorm nm = row_norm(a, L, n);
+  const double inv_G = a.row_in[(2 + 2 * L) * N + n];
+  const double A = a.row_in[(3 + 2 * L) * N + n];
+  const double w = a.rows.grad_scale;
+  const float lam_e = p.expert_weight, lam_g = p.gate_weight;
+  exp_scaled_sum(s, sc.es, C, nm.lse_s, 1.0f);  // σ
+  float* g = std::is_same<TS, float>::value ? static_cast<float*>(sc.out) : sc.g;
+  const float sigma_coeff = lam_e != 0.0f ? static_cast<float>(w * lam_e * A) : 0.0f;
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) g[j] = sigma_coeff * sc.es[j];
+  const double sigma_y = y >= 0 ? sc.es[y] : 0.0;
+  double target_expert = sigma_y * A - 1.0, target_gate = 0.0;
+  for (int l = 0; l < L; ++l) {
+    float* et = sc.et;
+    Teacher::load_exp(a.rows, l, n, p.inv_tau[l], et, C, &nm.lse_t[l]);  // π_ℓ
+    const double R = a.row_in[(4 + 2 * L + l) * N + n];
+    const float x_scale = static_cast<float>(p.expm1_beta[l]);
+    const float lam_e_x_scale = static_cast<float>(lam_e * p.expm1_beta[l]);
+    const float gate_tau = lam_g * p.tau[l];
+    const float inv_tau = p.inv_tau[l];
+    const float log_Zq = nm.log_z_q[l];
+    // r_ℓj (λ_e x/D − λ_g τ) = r_coeff · class_terms(...).grad_factor; λ_g τ R q_j = q_coeff · e^(log q_j)
+    const float r_coeff = static_cast<float>(w * p.level_weight[l] * inv_G);
+    const float q_coeff = static_cast<float>(w * lam_g * p.tau[l] * R);
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) {
+      const ClassTerms t = class_terms(et[j], sc.es[j], x_scale, lam_e_x_scale, gate_tau);
+      const float q = fast_exp_nonpos(mul_add(s[j] - nm.max_s, inv_tau, -log_Zq));
+      g[j] = mul_add(r_coeff, t.grad_factor, mul_add(q_coeff, q, g[j]));
+    }
+    if (y >= 0) {
+      const double x = p.expm1_beta[l] * sigma_y;
+      const double D = 1.0 + x;
+      const double r_y = p.level_weight[l] * inv_G * p.exp_beta[l] * static_cast<double>(et[y]) / D;
+      const double q_y = std::exp((static_cast<double>(s[y]) - nm.max_s) * inv_tau - log_Zq);
+      target_expert += r_y * x / D;
+      target_gate += p.tau[l] * (R * q_y - r_y);
+    }
+  }
+  if (y >= 0)
+    g[y] = static_cast<float>(w * ((lam_e != 0.0f ? lam_e * target_expert : 0.0) +
+                                   (lam_g != 0.0f ? lam_g * target_gate : 0.0)));
+  Scratch out;
+  out.out = sc.out;
+  store_gradient(grad_row, g, C, out);
+}
+
+template <typename TS, typename Teacher>
+void run_phase(Phase phase, const PhaseArgs& a, const Params& p, int num_threads) {
+  const int64_t N = a.rows.num_rows, C = a.rows.num_classes;
+  if (N <= 0 || C <= 0) return;
+  const int64_t stride = (C + 15) & ~int64_t{15};
+  constexpr int64_t kRows = 5;  // es, et, sf, g, out
+  int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N)));
+  const int64_t per_thread = stride * kRows;
+  std::unique_ptr<float[]> storage(new float[per_thread * threads + 16]);
+  float* base = storage.get();
+  base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+  const int64_t chunk = std::max<int64_t>(1, 4096 / C);
+#pragma omp parallel num_threads(threads)
+  {
+    float* mine = base + per_thread * omp_get_thread_num();
+    const PhaseScratch sc{mine, mine + stride, mine + 2 * stride, mine + 3 * stride, mine + 4 * stride};
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t n = 0; n < N; ++n) {
+      switch (phase) {
+        case Phase::kMaxima: maxima_row<TS, Teacher>(a, p, n, sc); break;
+        case Phase::kSumsOfExp: sums_of_exp_row<TS, Teacher>(a, p, n, sc); break;
+        case Phase::kEstep: estep_row<TS, Teacher>(a, p, n, sc); break;
+        case Phase::kGradient: gradient_row<TS, Teacher>(a, p, n, sc); break;
+      }
+    }
+  }
+}
+
+template <typename TS>
+void dispatch_phase_teacher(Phase phase, const PhaseArgs& a, const Params& p, int num_threads) {
+  if (a.rows.teacher == nullptr) {
+    switch (a.rows.topk_values_dtype) {
+      case DType::kFloat32: return run_phase<TS, TopKTeacher<float>>(phase, a, p, num_threads);
+      case DType::kBFloat16: return run_phase<TS, TopKTeacher<BF16>>(phase, a, p, num_threads);
+      case DType::kFloat16: return run_phase<TS, TopKTeacher<F16>>(phase, a, p, num_threads);
+      case DType::kFloat64: return run_phase<TS, TopKTeacher<double>>(phase, a, p, num_threads);
+    }
+    return;
+  }
+  switch (a.rows.teacher_dtype) {
+    case DType::kFloat32: return run_phase<TS, DenseTeacher<float>>(phase, a, p, num_threads);
+    case DType::kBFloat16: return run_phase<TS, DenseTeacher<BF16>>(phase, a, p, num_threads);
+    case DType::kFloat16: return run_phase<TS, DenseTeacher<F16>>(phase, a, p, num_threads);
+    case DType::kFloat64: return run_phase<TS, DenseTeacher<double>>(phase, a, p, num_threads);
   }
 }
 
 }  // namespace
+
+void moe_kd_phase(Phase phase, const PhaseArgs& a, const Params& p, int num_threads) {
+  switch (a.rows.student_dtype) {
+    case DType::kFloat32: return dispatch_phase_teacher<float>(phase, a, p, num_threads);
+    case DType::kBFloat16: return dispatch_phase_teacher<BF16>(phase, a, p, num_threads);
+    case DType::kFloat16: return dispatch_phase_teacher<F16>(phase, a, p, num_threads);
+    case DType::kFloat64: return;  // not a student dtype: the binding refuses it
+  }
+}
 
 void moe_kd_rows(const RowsArgs& a, const Params& p, int num_threads) {
   switch (a.student_dtype) {
