@@ -239,3 +239,14 @@ def test_ddp_distillation_equals_one_process(tmp_path):
     # The run changed the weights: a comparison of two untouched initialisations would pass.
     _, initial = load_example("ddp_distillation").make_models(16, 50)
     assert not torch.allclose(initial.weight, single["weight"], atol=1e-3)
+
+
+def test_topk_offline_distillation_learns_from_the_stored_file(tmp_path):
+    result = load_example("topk_offline_distillation").main(["--tiny", "--file", str(tmp_path / "top_k.pt")])
+    losses = result["losses"]
+    assert all(math.isfinite(v) for v in losses)
+    assert mean(losses[-10:]) < mean(losses[:10])
+    # 50 classes: chance is 0.02. The student sees the teacher only through the file.
+    assert result["teacher_accuracy"] > 0.4
+    assert result["student_accuracy"] > 0.2
+    assert result["file_bytes"] < result["dense_bytes"] / 4
