@@ -8,7 +8,6 @@ measured before it in the same group; conftest.py prints them as one table.
 """
 
 import os
-import time
 
 import pytest
 import torch

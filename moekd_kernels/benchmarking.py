@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The package defaults (SPEC §7), used by every implementation so that they all compute
+# The package defaults (docs/math.md, API), used by every implementation so that they all compute
 # the same thing; classic KD reads the temperature and the two term weights.
 DEFAULT_OPTIONS: Dict[str, float] = {
     "temperature": 4.0,

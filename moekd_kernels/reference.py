@@ -1,6 +1,6 @@
 """Pure-PyTorch MoE-KD: the closed forms, written for reading, not for speed.
 
-Symbols follow the project's math notes (README "How it works"):
+Symbols follow docs/math.md (Definitions):
 
     σ       = softmax(s)                   student prediction
     q_ℓ     = softmax(s / τ_ℓ)             student's guess of the teacher at level ℓ
@@ -140,7 +140,7 @@ def reference_forward(student: Tensor, teacher: Tensor, target: Tensor, opts: Mo
 
     student (N, C), teacher (L, N, C) (any strides, level stride 0 included) or a
     ``teachers.TopKRows``, target (N,).
-    ``grad`` is the SPEC closed form times ``grad_scale`` (a 0-dim tensor on the student's
+    ``grad`` is the closed form of docs/math.md (Gradient) times ``grad_scale`` (a 0-dim tensor on the student's
     device; None = 1), in a new buffer of the student's dtype; None when ``need_grad`` is
     False, in which case no gradient is computed. Rows are independent, so they are
     computed a block at a time.

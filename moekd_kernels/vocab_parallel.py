@@ -145,8 +145,6 @@ def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *,
     return int(widths[:rank].sum()), total
 
 
-
-
 def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
                         temperature, expert_strength, level_weights, gate_weight, expert_weight,
                         ignore_index, reduction, num_items_in_batch, backend, return_stats):

@@ -1,15 +1,15 @@
 """Float64 oracles and the conformance check every backend's tests share.
 
 Nothing here calls the package's math: the oracles read the options themselves
-(``Problem``) and evaluate the SPEC in plain float64 torch, so a bug in the package
+(``Problem``) and evaluate the math of docs/math.md in plain float64 torch, so a bug in the package
 cannot hide by being on both sides of a comparison.
 
 - ``naive_oracle`` builds all L·C experts as full softmaxes, forms the mixture
   literally, takes responsibilities from it and gets the M-step gradient by autograd
   with r detached. O(L·N·C²): small C only.
-- ``closed_form_oracle`` is SPEC §2 in log space (u, G, r from log π, β and
+- ``closed_form_oracle`` is docs/math.md, Definitions in log space (u, G, r from log π, β and
   log D = log1p(expm1(β) σ)), O(L·N·C), with the gradient again by autograd through
-  the M-step objective with r detached (so it checks SPEC §3 rather than restating it).
+  the M-step objective with r detached (so it checks docs/math.md, Gradient rather than restating it).
   ``test_closed_form_oracle_equals_the_naive_mixture`` holds the two together at 1e-10.
   Working in log space it also stays exact where the naive mixture underflows
   (log p(y) < −745, a logit gap of ~1e3) or is 0/0 (a masked target).
@@ -32,7 +32,7 @@ from moekd_kernels.benchmarking import TOLERANCE, rel_err as _rel_err  # noqa: F
 OPTION_NAMES = ("temperature", "expert_strength", "level_weights", "gate_weight",
                 "expert_weight", "ignore_index")
 
-# The package defaults (SPEC §7): the one copy the tests use.
+# The package defaults (docs/math.md, API): the one copy the tests use.
 DEFAULT_OPTIONS = {"temperature": 4.0, "expert_strength": 2.0, "level_weights": None,
                    "gate_weight": 1.0, "expert_weight": 1.0, "ignore_index": -100}
 
@@ -111,7 +111,7 @@ def problem(case: Case) -> Problem:
     if opts["level_weights"] is not None:
         per_level.append(len(_floats(opts["level_weights"])))
     if teacher.dim() == case.student.dim():
-        # One head at several temperatures (SPEC §8): the same logits at every level.
+        # One head at several temperatures (docs/math.md, Extensions): the same logits at every level.
         teacher = teacher.unsqueeze(0).expand(max(per_level), *teacher.shape)
     teacher = teacher.reshape(teacher.shape[0], num_rows, num_classes)
     num_levels = teacher.shape[0]
@@ -184,7 +184,7 @@ def _weighted(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form_oracle(case: Case):
-    """All rows at once, by SPEC §2 in log space; gradient by autograd with r fixed."""
+    """All rows at once, by docs/math.md, Definitions in log space; gradient by autograd with r fixed."""
     p = problem(case)
     num_rows, num_classes = p.student.shape
     loss = torch.zeros(num_rows, dtype=torch.float64)
@@ -270,7 +270,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def term_scale(case: Case) -> torch.Tensor:
-    """Per row, a bound on the terms each gradient element is a difference of (SPEC §3):
+    """Per row, a bound on the terms each gradient element is a difference of (docs/math.md, Gradient):
     λ_e (σ_j A + σ_j r_j expm1(β)/D_j + [j = y]) ≤ 2 λ_e and λ_g Σ_ℓ τ_ℓ (R_ℓ q_ℓj + r_ℓj)
     ≤ 2 λ_g max τ. 0 at ignored rows."""
     p = problem(case)

@@ -112,7 +112,7 @@ def test_classes_masked_in_student_only(backend):
 
     Without the gate term (λ_g = 0) nothing is infinite: those experts have D = 1 and
     log p(y) = log σ_y. With it, −Σ r log q = +inf (KL(π‖q) is infinite where q = 0 and
-    π > 0), exactly as in the SPEC: loss +inf, never NaN, gradient and stats finite.
+    π > 0), exactly as docs/math.md (Numerics) says: loss +inf, never NaN, gradient and stats finite.
     """
     case = make_case(6, 9, 2, seed=24, ignore_frac=0.0)
     student = case.student.clone()
@@ -427,7 +427,7 @@ def test_strided_transposed_and_broadcast_inputs(backend, num_levels, layout):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("teacher_dtype", KERNEL_DTYPES + (torch.float64,))
 def test_teacher_dtype_may_differ_from_the_student(backend, dtype, teacher_dtype):
-    """SPEC: teacher and student dtypes may differ; the API takes any floating teacher.
+    """docs/math.md, Numerics: teacher and student dtypes may differ; the API takes any floating teacher.
     backend="auto" picks by the student's dtype, so every kernel it may pick has to
     take a float64 teacher too (precomputed teacher logits are often float64)."""
     case = make_case(6, 20, 2, dtype=dtype, teacher_dtype=teacher_dtype, seed=43)
@@ -531,10 +531,10 @@ def test_inputs_are_never_modified(backend, dtype):
 
 @backends
 def test_agreement_never_exceeds_one(backend):
-    """a = Σ_ℓ r_ℓy is a probability (SPEC: 0 ≤ a ≤ 1). With near-certain experts (large β)
+    """a = Σ_ℓ r_ℓy is a probability (0 ≤ a ≤ 1). With near-certain experts (large β)
     r_ℓy ≈ w_ℓ and G is a float32 sum formed in another order than the u_ℓy, so the
-    rounded Σ_ℓ u_ℓy / G lands on 1 + 1 ulp for several of these 64 rows (the reference
-    and the Triton kernel before the fix)."""
+    rounded Σ_ℓ u_ℓy / G would land on 1 + 1 ulp for several of these 64 rows if the
+    agreement were not formed from the target's u and the rest (docs/math.md, Numerics)."""
     g = torch.Generator().manual_seed(0)
     student = 0.3 * torch.randn(64, 8, generator=g)
     teacher = 0.3 * torch.randn(3, 64, 8, generator=g)

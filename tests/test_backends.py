@@ -22,7 +22,7 @@ def test_reference_is_always_available_on_cpu():
 
 
 def test_auto_picks_the_cpu_kernel_for_cpu_tensors_when_it_built():
-    """SPEC §7: "auto" picks the fastest available backend; on CPU tensors that is the
+    """docs/math.md, API: "auto" picks the fastest available backend; on CPU tensors that is the
     C++ kernel, and the reference only when the kernel is unavailable (never in CI)."""
     cpu_reason = BACKENDS["cpu"].unavailable_reason("cpu")
     assert not (IN_CI and cpu_reason), f"the cpu kernel must build in CI: {cpu_reason}"

@@ -60,7 +60,7 @@ def test_eager_moekd_low_precision_grad_dtype():
 
 
 def test_classic_kd_is_moekd_at_zero_strength():
-    """SPEC §4: L = 1, β = 0 gives Hinton KD's gradient; the losses differ by λ_g·τ²·H(π)."""
+    """docs/math.md, Identities: L = 1, β = 0 gives Hinton KD's gradient; the losses differ by λ_g·τ²·H(π)."""
     s, t, y = B.make_inputs(B.Shape(16, 29), torch.float64, seed=2, ignore_frac=0.2)
     opts = {"temperature": 3.0, "gate_weight": 0.9, "expert_weight": 0.1}
     kd_loss, kd_grad = _loss_and_grad(B.eager_classic_kd, s, t, y, **opts)

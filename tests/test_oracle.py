@@ -1,5 +1,5 @@
 """The tests' own float64 oracles (tests/oracle.py) agree with each other and with the
-SPEC identities, and the conformance check fails on one bad element or a biased rounding."""
+identities of docs/math.md, and the conformance check fails on one bad element or a biased rounding."""
 
 import math
 import random
@@ -52,7 +52,7 @@ def test_closed_form_oracle_equals_the_naive_mixture(seed):
 
 def test_closed_form_oracle_is_exact_where_the_mixture_underflows():
     """A logit gap of 2000: the literal mixture's p(y) is 0 in float64, the log-space form
-    is not. With β = 0 the loss is classic KD plus λ_g τ² H(π) (SPEC §4)."""
+    is not. With β = 0 the loss is classic KD plus λ_g τ² H(π) (docs/math.md, Identities)."""
     s = torch.tensor([[0.0, 2000.0, -5.0]], dtype=torch.float64)
     t = torch.tensor([[1.0, 0.5, -1.0]], dtype=torch.float64)
     y = torch.tensor([0])

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference against the naive float64 oracle and the SPEC identities."""
+"""The pure-PyTorch reference against the naive float64 oracle and the identities of docs/math.md."""
 
 import random
 

@@ -15,7 +15,6 @@ from conftest import requires
 from moekd_kernels import TopKTeacher, fused_moe_kd_loss
 from moekd_kernels import triton_backend
 from moekd_kernels.backends import BACKENDS, resolve_backend
-from moekd_kernels.options import resolve_options
 from oracle import (TOLERANCE, Case, check_backend, check_gradient, check_outputs, classic_kd, float64_oracle,
                     kernel_options, make_case, rel_err, term_scale)
 # The dense teacher a TopKTeacher stands for, built from the definition.
