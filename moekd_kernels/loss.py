@@ -167,6 +167,7 @@ class MoEKDLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         return_stats: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
         # Fail at construction for what can be checked without the tensors.
@@ -190,6 +191,7 @@ class MoEKDLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.return_stats = return_stats
+        self.process_group = process_group
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
                 num_items_in_batch: Optional[Union[int, Tensor]] = None):
@@ -208,6 +210,7 @@ class MoEKDLoss(nn.Module):
             backend=self.backend,
             return_stats=self.return_stats,
             num_items_in_batch=num_items_in_batch,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

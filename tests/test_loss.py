@@ -8,7 +8,8 @@ import torch
 from moekd_kernels import MoEKDLoss, MoEKDStats, available_backends, fused_moe_kd_loss
 from oracle import DEFAULT_OPTIONS, Case, check_backend, make_case, naive_oracle, rel_err
 
-SPEC_DEFAULTS = {**DEFAULT_OPTIONS, "reduction": "mean", "backend": "auto", "return_stats": False}
+SPEC_DEFAULTS = {**DEFAULT_OPTIONS, "reduction": "mean", "backend": "auto", "return_stats": False,
+                 "process_group": None}
 
 
 def test_signature_and_defaults_match_between_functional_and_module():

@@ -9,8 +9,8 @@ a timeout: a hang fails the test instead of stalling the suite.
 from __future__ import annotations
 
 import os
-import socket
 import sys
+import tempfile
 import time
 
 import pytest
@@ -21,15 +21,11 @@ import torch.multiprocessing as mp
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(worker, world: int, *args) -> None:
-    port = _free_port()
-    context = mp.start_processes(worker, args=(world, port) + args, nprocs=world, join=False,
+    # A file rendezvous: a free TCP port picked here could be taken by another process
+    # before the workers bind it.
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="moekd-gloo-"), "store")
+    context = mp.start_processes(worker, args=(world, rendezvous) + args, nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -39,10 +35,10 @@ def _run(worker, world: int, *args) -> None:
             pytest.fail(f"{world}-process run did not finish in {TIMEOUT_S} s (a hang?)")
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, rendezvous: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 def _slices(num_classes: int, widths):
@@ -74,8 +70,8 @@ def _sharded_backends():
     return names
 
 
-def _conformance_worker(rank: int, world: int, port: int, backends) -> None:
-    _init(rank, world, port)
+def _conformance_worker(rank: int, world: int, rendezvous: str, backends) -> None:
+    _init(rank, world, rendezvous)
     for backend in backends:
         _check_conformance(rank, world, backend)
         _check_sharded_top_k_teacher(rank, _slices(11, WIDTHS[world]), backend)
@@ -165,6 +161,11 @@ def _check_sharded_top_k_teacher(rank: int, offsets, backend: str) -> None:
     assert abs(float(loss) - float(expected)) <= 1e-5 * abs(float(expected)), (float(loss), float(expected))
     bound = 1e-5 * full.grad.abs().max()
     assert bool(((shard.grad - full.grad[:, lo:hi]).abs() <= bound).all())
+    # The module form takes the group at construction and gives the same result.
+    from moekd_kernels import MoEKDLoss
+
+    module = MoEKDLoss(reduction="sum", backend=backend, process_group=dist.group.WORLD)
+    assert torch.equal(module(student[:, lo:hi], teacher, target), loss.detach())
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -172,8 +173,8 @@ def test_sharded_equals_unsharded(world):
     _run(_conformance_worker, world, _sharded_backends())
 
 
-def _bad_input_worker(rank: int, world: int, port: int) -> None:
-    _init(rank, world, port)
+def _bad_input_worker(rank: int, world: int, rendezvous: str) -> None:
+    _init(rank, world, rendezvous)
     for which in ("target", "shape", "options"):
         _check_bad_input(rank, world, which)
     dist.destroy_process_group()
