@@ -57,6 +57,7 @@ from .options import (
     check_num_items_in_batch,
     check_reduction,
     check_target_values,
+    option_levels,
     resolve_options,
 )
 from .reference import accumulation_dtype
@@ -423,14 +424,10 @@ def _check_tensor(name: str, value, *, floating: bool = True) -> Tensor:
     return value
 
 
-def _num_levels_from_options(temperature, expert_strength, level_weights) -> int:
-    """L for one teacher head: the length of the first per-level option list (1 if none)."""
-    for value in (temperature, expert_strength, level_weights):
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return max(1, value.numel())
-        if isinstance(value, (list, tuple)) and len(value) > 0:
-            return len(value)
-    return 1
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -558,17 +555,15 @@ def fused_linear_moe_kd_loss(
             expected = f"({vocab_size},)" + (f" or ({heads}, {vocab_size})" if teacher_weight.dim() == 3 else "")
             raise ValueError(f"teacher_bias must have shape {expected}, got {tuple(teacher_bias.shape)}")
 
-    num_levels = heads if teacher_weight.dim() == 3 else _num_levels_from_options(
-        temperature, expert_strength, level_weights)
+    num_levels = heads if teacher_weight.dim() == 3 else (
+        option_levels(temperature, expert_strength, level_weights) or 1)
     opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
                            level_weights=level_weights, gate_weight=gate_weight,
                            expert_weight=expert_weight, ignore_index=ignore_index)
     check_reduction(reduction)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     num_items = check_num_items_in_batch(num_items_in_batch, reduction, device)
 
     # Autocast: the GEMMs in its dtype, as F.linear under autocast; the casts are
@@ -637,13 +632,11 @@ class FusedLinearMoEKDLoss(nn.Module):
         # Fail at construction for what can be checked without the tensors.
         check_reduction(reduction)
         check_backend_name(backend)
-        resolve_options(_num_levels_from_options(temperature, expert_strength, level_weights),
+        resolve_options(option_levels(temperature, expert_strength, level_weights) or 1,
                         temperature=temperature, expert_strength=expert_strength,
                         level_weights=level_weights, gate_weight=gate_weight,
                         expert_weight=expert_weight, ignore_index=ignore_index)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        _check_chunk_size(chunk_size)
         self.chunk_size = chunk_size
         self.temperature = temperature
         self.expert_strength = expert_strength
