@@ -302,62 +302,71 @@ struct DenseTeacher {
 // listed values written over it; its cost is C stores and K reads, never an N×C buffer.
 template <typename TV>
 struct TopKTeacher {
-  static MOEKD_INLINE float load_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
-                                        int64_t C) {
-    const float rest = a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) et[c] = rest;
+  // Calls visit(c, v / τ) for each listed entry of row n, level l whose class c lies in this
+  // slice (padding and other slices' classes skipped); returns how many it visited.
+  template <typename Visit>
+  static MOEKD_INLINE int64_t for_each_listed(const RowsArgs& a, int l, int64_t n, float inv_tau,
+                                              int64_t C, Visit&& visit) {
     const int64_t* idx = a.topk_indices + l * a.topk_index_strides[0] + n * a.topk_index_strides[1];
     const TV* val = static_cast<const TV*>(a.topk_values) + l * a.topk_value_strides[0] +
                     n * a.topk_value_strides[1];
     const int64_t ik = a.topk_index_strides[2], vk = a.topk_value_strides[2];
-    float t_max = -kInf;
     int64_t listed = 0;
     for (int64_t k = 0; k < a.topk_k; ++k) {
       const float v = to_float(val[k * vk]);
       const int64_t c = idx[k * ik] - a.class_offset;
-      if (v == -kInf || c < 0 || c >= C) continue;  // padding, or another slice's class
-      et[c] = v * inv_tau;
-      t_max = v * inv_tau > t_max ? v * inv_tau : t_max;  // a NaN value is skipped here, summed later
+      if (v == -kInf || c < 0 || c >= C) continue;
+      visit(c, v * inv_tau);
       ++listed;
     }
-    // The rest logit is some class's only where a class is left unlisted.
-    if (listed < C) t_max = rest > t_max ? rest : t_max;
-    return t_max;
+    return listed;
+  }
+
+  static MOEKD_INLINE float rest_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau) {
+    return a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
+  }
+
+  // The row's largest t/τ: the listed values', and the rest logit's where a class is left
+  // unlisted (a NaN value is skipped here and summed later).
+  static MOEKD_INLINE float scaled_max(const RowsArgs& a, int l, int64_t n, float inv_tau, int64_t C,
+                                       float rest, int64_t* listed) {
+    float t_max = -kInf;
+    *listed = for_each_listed(a, l, n, inv_tau, C, [&](int64_t, float x) {
+      t_max = x > t_max ? x : t_max;
+    });
+    return *listed < C && rest > t_max ? rest : t_max;
+  }
+
+  static MOEKD_INLINE float load_scaled(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
+                                        int64_t C) {
+    const float rest = rest_scaled(a, l, n, inv_tau);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) et[c] = rest;
+    float t_max = -kInf;
+    const int64_t listed = for_each_listed(a, l, n, inv_tau, C, [&](int64_t c, float x) {
+      et[c] = x;
+      t_max = x > t_max ? x : t_max;
+    });
+    return listed < C && rest > t_max ? rest : t_max;
   }
 
   // load_scaled's row, exponentiated: every unlisted class shares one exp, so the row costs
   // K + 1 exps and C stores instead of C exps. The sum is formed in double.
   static MOEKD_INLINE double load_exp(const RowsArgs& a, int l, int64_t n, float inv_tau, float* et,
                                       int64_t C, const float* shift) {
-    const float rest = a.topk_rest[l * a.topk_rest_strides[0] + n * a.topk_rest_strides[1]] * inv_tau;
-    const int64_t* idx = a.topk_indices + l * a.topk_index_strides[0] + n * a.topk_index_strides[1];
-    const TV* val = static_cast<const TV*>(a.topk_values) + l * a.topk_value_strides[0] +
-                    n * a.topk_value_strides[1];
-    const int64_t ik = a.topk_index_strides[2], vk = a.topk_value_strides[2];
-    float t_max = -kInf;
+    const float rest = rest_scaled(a, l, n, inv_tau);
     int64_t listed = 0;
-    for (int64_t k = 0; k < a.topk_k; ++k) {
-      const float v = to_float(val[k * vk]);
-      const int64_t c = idx[k * ik] - a.class_offset;
-      if (v == -kInf || c < 0 || c >= C) continue;
-      t_max = v * inv_tau > t_max ? v * inv_tau : t_max;
-      ++listed;
-    }
-    if (listed < C) t_max = rest > t_max ? rest : t_max;
+    const float t_max = scaled_max(a, l, n, inv_tau, C, rest, &listed);
     const float m = shift != nullptr ? *shift : t_max;
     const float e_rest = fast_exp_nonpos(rest - m);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) et[c] = e_rest;
     double total = listed < C ? static_cast<double>(C - listed) * e_rest : 0.0;
-    for (int64_t k = 0; k < a.topk_k; ++k) {
-      const float v = to_float(val[k * vk]);
-      const int64_t c = idx[k * ik] - a.class_offset;
-      if (v == -kInf || c < 0 || c >= C) continue;
-      const float e = fast_exp_nonpos(v * inv_tau - m);
+    for_each_listed(a, l, n, inv_tau, C, [&](int64_t c, float x) {
+      const float e = fast_exp_nonpos(x - m);
       et[c] = e;
       total += e;
-    }
+    });
     return total;
   }
 };
