@@ -68,6 +68,35 @@ def _level_vector(values, pad, L: tl.constexpr, LP: tl.constexpr):
 
 
 @triton.jit
+def _row_constants(tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_scale_ptr,
+                   L: tl.constexpr, LP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """The per-level options as (LP,) vectors, and the factor of the stored gradient: "mean"
+    folds 1/n_valid into it here, so backward can skip its pass."""
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    else:
+        grad_scale = 1.0
+    return (_level_vector(tau, 1.0, L, LP), _level_vector(inv_tau, 1.0, L, LP),
+            _level_vector(beta, 0.0, L, LP), _level_vector(exp_beta, 1.0, L, LP),
+            _level_vector(expm1_beta, 0.0, L, LP), _level_vector(level_weight, 0.0, L, LP), grad_scale)
+
+
+@triton.jit
+def _ignored_row(loss_at, log_likelihood_at, agreement_at, grad_row, num_classes, BLOCK: tl.constexpr,
+                 NEED_GRAD: tl.constexpr):
+    """Loss, stats and gradient of an ignored row are 0 (the gradient buffer is uninitialised)."""
+    tl.store(loss_at, 0.0)
+    tl.store(log_likelihood_at, 0.0)
+    tl.store(agreement_at, 0.0)
+    if NEED_GRAD:
+        cols0 = tl.arange(0, BLOCK)
+        zeros = tl.zeros([BLOCK], tl.float32).to(grad_row.dtype.element_ty)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + cols0
+            tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+
+
+@triton.jit
 def _student_lse(s, inv_tau, HAS_GATE: tl.constexpr):
     """Pass 1's student side on one block: the states of s (σ) and s/τ_ℓ (q_ℓ); the q_ℓ
     sums share s's maximum, since max(s/τ) = max(s)/τ for τ > 0."""
@@ -245,17 +274,8 @@ def moe_kd_row_kernel(
     level_ok = levels < L
     level_offsets = levels.to(tl.int64)[:, None] * teacher_level_stride
     cols0 = tl.arange(0, BLOCK)
-    tau_v = _level_vector(tau, 1.0, L, LP)
-    inv_tau_v = _level_vector(inv_tau, 1.0, L, LP)
-    beta_v = _level_vector(beta, 0.0, L, LP)
-    exp_beta_v = _level_vector(exp_beta, 1.0, L, LP)
-    expm1_beta_v = _level_vector(expm1_beta, 0.0, L, LP)
-    w_v = _level_vector(level_weight, 0.0, L, LP)
-    # "mean" folds 1/n_valid into the gradient here, so backward can skip its pass.
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr)
-    else:
-        grad_scale = 1.0
+    tau_v, inv_tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, grad_scale = _row_constants(
+        tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_scale_ptr, L, LP, HAS_GRAD_SCALE)
 
     # One row per program. An int64 row index: N·C can pass 2^31 elements.
     row = tl.program_id(0).to(tl.int64)
@@ -265,15 +285,8 @@ def moe_kd_row_kernel(
 
     y = tl.load(target_ptr + row).to(tl.int64)
     if y == ignore_index:
-        # Ignored row: loss, stats and gradient are 0 (the gradient buffer is uninitialised).
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(log_likelihood_ptr + row, 0.0)
-        tl.store(agreement_ptr + row, 0.0)
-        if NEED_GRAD:
-            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+        _ignored_row(loss_ptr + row, log_likelihood_ptr + row, agreement_ptr + row, grad_row, num_classes,
+                     BLOCK, NEED_GRAD)
     else:
         # ---- pass 1: log-sum-exp states of s, s/τ_ℓ, t_ℓ/τ_ℓ ----
         if SINGLE_BLOCK:
@@ -447,16 +460,8 @@ def moe_kd_topk_row_kernel(
     levels64 = levels.to(tl.int64)
     cols0 = tl.arange(0, BLOCK)
     ks0 = tl.arange(0, KB)
-    tau_v = _level_vector(tau, 1.0, L, LP)
-    inv_tau_v = _level_vector(inv_tau, 1.0, L, LP)
-    beta_v = _level_vector(beta, 0.0, L, LP)
-    exp_beta_v = _level_vector(exp_beta, 1.0, L, LP)
-    expm1_beta_v = _level_vector(expm1_beta, 0.0, L, LP)
-    w_v = _level_vector(level_weight, 0.0, L, LP)
-    if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr)
-    else:
-        grad_scale = 1.0
+    tau_v, inv_tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, grad_scale = _row_constants(
+        tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_scale_ptr, L, LP, HAS_GRAD_SCALE)
 
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_row_stride
@@ -466,14 +471,8 @@ def moe_kd_topk_row_kernel(
 
     y = tl.load(target_ptr + row).to(tl.int64)
     if y == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(log_likelihood_ptr + row, 0.0)
-        tl.store(agreement_ptr + row, 0.0)
-        if NEED_GRAD:
-            zeros = tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty)
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+        _ignored_row(loss_ptr + row, log_likelihood_ptr + row, agreement_ptr + row, grad_row, num_classes,
+                     BLOCK, NEED_GRAD)
     else:
         # ---- pass 1, student: log-sum-exp states of s and s/τ_ℓ ----
         if SINGLE_BLOCK:
