@@ -158,10 +158,7 @@ def forward(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
         LP=_next_pow2(num_levels),
         BLOCK=block,
         SINGLE_BLOCK=num_classes <= block,
-        HAS_EXPERT=opts.expert_weight != 0.0,
-        HAS_GATE=opts.gate_weight != 0.0,
-        HAS_GRAD_SCALE=grad_scale is not None,
-        NEED_GRAD=bool(need_grad),
+        **_switches(opts, grad_scale, need_grad),
         num_warps=num_warps,
     )
     return outputs
@@ -176,6 +173,12 @@ def _outputs(student: Tensor, need_grad: bool):
     agreement = torch.empty(num_rows, dtype=torch.float32, device=device)
     grad = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device) if need_grad else None
     return loss, log_likelihood, agreement, grad
+
+
+def _switches(opts: MoEKDOptions, grad_scale: Optional[Tensor], need_grad: bool) -> dict:
+    """The kernels' compile-time switches: which terms and passes a call needs."""
+    return dict(HAS_EXPERT=opts.expert_weight != 0.0, HAS_GATE=opts.gate_weight != 0.0,
+                HAS_GRAD_SCALE=grad_scale is not None, NEED_GRAD=bool(need_grad))
 
 
 def _constants(opts: MoEKDOptions) -> tuple:
@@ -258,10 +261,7 @@ def _forward_top_k(student: Tensor, teacher: TopKRows, target: Tensor, opts: MoE
         KB=entry_block,
         SEARCH=search,
         QB=entry_block * (levels_padded if search else 1),
-        HAS_EXPERT=opts.expert_weight != 0.0,
-        HAS_GATE=opts.gate_weight != 0.0,
-        HAS_GRAD_SCALE=grad_scale is not None,
-        NEED_GRAD=bool(need_grad),
+        **_switches(opts, grad_scale, need_grad),
         num_warps=num_warps,
     )
     return outputs
