@@ -164,20 +164,34 @@ def _resolve(name: str, device_type: str, dtype: torch.dtype, num_levels: int,
         # The kernels accumulate in float32; float64 callers want float64 all the way.
         return "reference" if dtype == torch.float64 else auto_backend(device_type, num_levels,
                                                                          top_k_teacher)
+    error = _choice_error(name, device_type, num_levels, top_k_teacher)
+    if error is not None:
+        raise error
+    return name
+
+
+def _choice_error(name: str, device_type: str, num_levels: int, top_k_teacher: bool) -> Optional[Exception]:
+    """Why the explicitly chosen backend ``name`` cannot take these inputs, or None."""
     backend = BACKENDS[name]
     if top_k_teacher and not backend.top_k_teacher:
         takers = [n for n, b in BACKENDS.items() if b.top_k_teacher]
-        raise ValueError(f"backend={name!r} does not take a TopKTeacher; use backend='auto' or one of "
-                         f"{takers}")
+        return ValueError(f"backend={name!r} does not take a TopKTeacher; use backend='auto' or one of "
+                          f"{takers}")
     if not backend.supports_levels(num_levels):
-        raise ValueError(
+        return ValueError(
             f"teacher_logits has L={num_levels} levels, but backend={name!r} supports at most "
             f"{backend.max_levels}; use backend='auto', 'triton' or 'reference'"
         )
-    reason = backend.unavailable_reason(device_type)
-    if reason is not None:
-        raise RuntimeError(f"backend={name!r} is not available: {reason}")
-    return name
+    reason = _unavailable_reason(name, device_type)
+    if reason:
+        return RuntimeError(f"backend={name!r} is not available: {reason}")
+    return None
+
+
+# A constant while torch.compile traces, like _resolve ("" when available).
+@torch.compiler.assume_constant_result
+def _unavailable_reason(name: str, device_type: str) -> str:
+    return BACKENDS[name].unavailable_reason(device_type) or ""
 
 
 def sharded_backend_names() -> Tuple[str, ...]:
@@ -188,20 +202,27 @@ def sharded_backend_names() -> Tuple[str, ...]:
 def resolve_sharded_backend(name: str, device: torch.device, dtype: torch.dtype = torch.float32,
                             num_levels: int = 1, top_k_teacher: bool = False) -> str:
     """``resolve_backend`` for the vocab-parallel path: "auto" is the first entry of
-    AUTO_ORDER with phase functions that is available and takes the inputs."""
+    AUTO_ORDER with phase functions that is available and takes the inputs.
+
+    Raises ValueError only (an unavailable kernel too), and never inside a function that
+    torch.compile takes as a constant: the caller turns the error into one that every
+    rank of the group raises."""
     check_backend_name(name)
     if name not in sharded_backend_names():
         raise ValueError(f"backend={name!r} does not take a process_group; use one of "
                          f"{sharded_backend_names()}")
     device_type = torch.device(device).type
     if name != "auto":
-        return _resolve(name, device_type, dtype, num_levels, top_k_teacher)
+        error = _choice_error(name, device_type, num_levels, top_k_teacher)
+        if error is not None:
+            raise ValueError(str(error))
+        return name
     if dtype == torch.float64:
         return _FALLBACK
     for candidate in AUTO_ORDER.get(device_type, ()):
         backend = BACKENDS[candidate]
         if (backend.phases is not None and backend.supports(num_levels, top_k_teacher)
-                and backend.unavailable_reason(device_type) is None):
+                and not _unavailable_reason(candidate, device_type)):
             return candidate
     return _FALLBACK
 

@@ -103,20 +103,32 @@ def moe_kd_loss(
     check_target_values(target, student.shape[1], ignore_index)
     opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
                         gate_weight, expert_weight, ignore_index)
-    divisor: Optional[Tensor] = None
-    grad_scale: Optional[Tensor] = None
-    if reduction == "mean":
-        if num_items_in_batch is not None:
-            _check_num_items(num_items_in_batch)
-            divisor = num_items_in_batch
-        else:
-            # On the device: no host sync. 0 valid rows → 0 / 1 = 0, never NaN.
-            divisor = (target != ignore_index).sum().clamp_min(1)
-        grad_scale = 1.0 / divisor.to(accumulation_dtype(student.dtype))
+    divisor = loss_divisor(target, ignore_index, reduction, num_items_in_batch)
+    grad_scale = None if divisor is None else 1.0 / divisor.to(accumulation_dtype(student.dtype))
     if teacher_indices is not None:  # a top-k teacher: ``teacher`` holds its values
         teacher = TopKRows(teacher_indices, teacher, teacher_rest)
     loss, log_likelihood, agreement, grad = BACKENDS[backend].forward(student, teacher, target, opts,
                                                                       grad_scale, need_grad)
+    return reduced_outputs(student, loss, log_likelihood, agreement, grad, reduction, divisor, need_grad)
+
+
+def loss_divisor(target: Tensor, ignore_index: int, reduction: str,
+                 num_items_in_batch: Optional[Tensor]) -> Optional[Tensor]:
+    """What the summed loss is divided by: ``num_items_in_batch`` (checked here when it is
+    on the CPU), else for "mean" the count of non-ignored rows, on the device (no host
+    sync; 0 valid rows → 0 / 1 = 0, never NaN); None for "sum" and "none"."""
+    if reduction != "mean":
+        return None
+    if num_items_in_batch is not None:
+        _check_num_items(num_items_in_batch)
+        return num_items_in_batch
+    return (target != ignore_index).sum().clamp_min(1)
+
+
+def reduced_outputs(student: Tensor, loss: Tensor, log_likelihood: Tensor, agreement: Tensor,
+                    grad: Optional[Tensor], reduction: str, divisor: Optional[Tensor], need_grad: bool):
+    """The op's outputs from a backend's per-row results: the loss reduced, and an empty
+    (0,) placeholder for the gradient that was not computed."""
     if reduction == "sum":
         loss = loss.sum()
     elif reduction == "mean":
@@ -126,10 +138,8 @@ def moe_kd_loss(
     return loss, log_likelihood, agreement, grad
 
 
-@moe_kd_loss.register_fake
-def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
-                      gate_weight, expert_weight, ignore_index, backend, reduction, need_grad=True,
-                      num_items_in_batch=None, teacher_indices=None, teacher_rest=None):
+def fake_outputs(student: Tensor, reduction: str, need_grad: bool):
+    """The output shapes and dtypes of an op built like ``moe_kd_loss``, for its fake."""
     num_rows = student.shape[0]
     acc = accumulation_dtype(student.dtype)
     loss = student.new_empty((num_rows,) if reduction == "none" else (), dtype=acc)
@@ -140,7 +150,11 @@ def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, 
     return loss, log_likelihood, agreement, grad
 
 
-_NUM_INPUTS = 15
+@moe_kd_loss.register_fake
+def _moe_kd_loss_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
+                      gate_weight, expert_weight, ignore_index, backend, reduction, need_grad=True,
+                      num_items_in_batch=None, teacher_indices=None, teacher_rest=None):
+    return fake_outputs(student, reduction, need_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,9 +171,9 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
+def _student_gradient(ctx, grad_loss) -> Optional[Tensor]:
     if grad_loss is None:
-        return (None,) * _NUM_INPUTS
+        return None
     if torch.is_grad_enabled() and not _compiling():
         # Grad mode is on in backward exactly when autograd builds a graph of it.
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
@@ -174,7 +188,7 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
         # AOTAutograd functionalises backward anyway (and rejects mutating a
         # buffer the graph may also return), so write the plain product.
         # The product in float32 (the factor unrounded), as the eager kernel forms it.
-        return ((grad * per_row.unsqueeze(-1)).to(grad.dtype),) + (None,) * (_NUM_INPUTS - 1)
+        return (grad * per_row.unsqueeze(-1)).to(grad.dtype)
     # Scaling in place keeps one N×C buffer alive instead of two. As a registered
     # op that mutates ``grad`` it bumps the version counter (a second backward through
     # the same graph could not silently return a twice-scaled gradient even without
@@ -182,7 +196,18 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
     # implementation rather than a raw kernel launch.
     ctx.consumed = True
     scale_rows_(grad, per_row)
-    return (grad,) + (None,) * (_NUM_INPUTS - 1)
+    return grad
 
 
-moe_kd_loss.register_autograd(_backward, setup_context=_setup_context)
+def register_first_order_autograd(op, num_inputs: int) -> None:
+    """The autograd of an op built like ``moe_kd_loss``: outputs (loss, log_likelihood,
+    agreement, grad) with ``grad`` the gradient of ``loss`` with respect to the first
+    input; backward scales it by grad_output."""
+
+    def backward(ctx, grad_loss, _grad_ll, _grad_agreement, _grad_grad):
+        return (_student_gradient(ctx, grad_loss),) + (None,) * (num_inputs - 1)
+
+    op.register_autograd(backward, setup_context=_setup_context)
+
+
+register_first_order_autograd(moe_kd_loss, num_inputs=15)

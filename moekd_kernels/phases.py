@@ -21,7 +21,7 @@ The teacher enters through a loader with three duties (its maxima, its sums of
 exponentials, and the gate π times a dense factor): ``DenseTeacherSlice`` reads
 logits, ``TopKTeacherSlice`` a stored top-k teacher (K entries per row and one
 value for every unlisted class), so a sparse teacher never becomes an N×C tensor.
-``phased_loss`` runs the phases with a ``combine`` step between them: identity on
+``slice_rows`` runs the phases with a ``combine`` step between them: identity on
 one device, all-reduces over a process group (``vocab_parallel.py``).
 """
 
@@ -299,50 +299,3 @@ def slice_rows(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, 
     grad = (impl.slice_gradient(student, teacher, target, opts, norm, rows, class_offset, grad_scale)
             if need_grad else None)
     return rows.loss, rows.log_likelihood, rows.agreement, grad
-
-
-class _PhasedLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, target, opts, combine, class_offset, num_classes, divisor,
-                reduction, need_grad, impl):
-        loss, log_likelihood, agreement, grad = slice_rows(
-            student, teacher, target, opts, num_classes=num_classes,
-            grad_scale=None if divisor is None else 1.0 / divisor, need_grad=need_grad,
-            combine=combine, class_offset=class_offset, impl=impl)
-        if reduction != "none":
-            loss = loss.sum() if divisor is None else loss.sum() / divisor
-        ctx.mark_non_differentiable(log_likelihood, agreement)
-        ctx.save_for_backward(grad)
-        ctx.num_rows = student.shape[0]
-        return loss, log_likelihood, agreement
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ll, _grad_agreement):
-        (grad,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            raise RuntimeError("moekd_kernels: double backward through the MoE-KD loss is not supported "
-                               "(its gradient is first-order only)")
-        factor = grad_loss.expand(ctx.num_rows).to(accumulation_dtype(grad.dtype))
-        return ((grad * factor[:, None]).to(grad.dtype),) + (None,) * 10
-
-
-def phased_loss(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions, *, reduction: str,
-                num_classes: int, num_items_in_batch=None, combine=None, class_offset: int = 0,
-                impl=PYTORCH):
-    """(loss, log_likelihood (N,), agreement (N,)) of the rows whose slice of classes
-    [class_offset, class_offset + C_r) is ``student`` (N, C_r), with the teacher loader
-    ``teacher`` for the same slice, built by ``impl`` (a backend's phase functions).
-    ``loss`` is reduced over the whole rows (it is the
-    same on every slice once ``combine`` has joined them), and its gradient with respect
-    to ``student`` is this slice's.
-    """
-    acc = accumulation_dtype(student.dtype)
-    if num_items_in_batch is not None:
-        divisor = torch.as_tensor(num_items_in_batch, device=student.device).to(acc)
-    elif reduction == "mean":
-        divisor = (target != opts.ignore_index).sum().clamp_min(1).to(acc)
-    else:
-        divisor = None
-    need_grad = torch.is_grad_enabled() and student.requires_grad
-    return _PhasedLoss.apply(student, teacher, target, opts, combine, class_offset, num_classes,
-                             divisor, reduction, need_grad, impl)

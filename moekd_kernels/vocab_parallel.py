@@ -8,7 +8,7 @@ for "reference", the C++ kernel's for "cpu"; "auto" takes the first of AUTO_ORDE
 that has them), and between them the per-row partial results cross the group as
 all-reduces:
 
-    agreement   all_gather of 12 int64 per rank        slice sizes, shapes, target and option checks
+    agreement   all_gather of 13 int64 per rank        slice sizes, shapes, target and option checks
     phase 1     all_reduce MAX of (1 + L) per row     max s, max t_ℓ/τ_ℓ
                 all_reduce SUM of (1 + 2L) per row    sums of exponentials
     phase 2     all_reduce SUM of (3 + 3L) per row    E-step sums
@@ -16,30 +16,36 @@ all-reduces:
 so (5 + 6L) values per row cross the network (20 + 24L bytes in float32), against
 (L + 1)·C values per row to all-gather the logits. Every rank then forms the same
 loss and stats from the same sums, and the gradient of its own slice.
+``fused_linear_moe_kd_loss(..., process_group=)`` runs the same three all-reduces per
+chunk of rows, and one more that sums the hidden states' gradient (N·H values).
 
 The first collective is also the guard against hangs: every rank first checks its
 own inputs, and a rank whose inputs are bad still joins it with a flag, so that
 every rank raises instead of some waiting in a later collective.
+
+Under torch.compile the agreement and the phases run inside one registered op
+(``moekd_kernels::vocab_parallel_moe_kd_loss``, the group passed by name), so a
+compiled step keeps the call in its graph; a rank whose own checks fail while it is
+traced joins the agreement from the tracer (``reject_on_every_rank``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Optional, Tuple
+from typing import List, NamedTuple, NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import phases
 from .backends import BACKENDS, resolve_sharded_backend
-from .options import (check_num_items_in_batch, check_reduction, option_levels,
+from .ops import fake_outputs, loss_divisor, reduced_outputs, register_first_order_autograd
+from .options import (MoEKDOptions, check_num_items_in_batch, check_reduction, option_levels,
                       resolve_options)
 from .reference import accumulation_dtype
 from .teachers import TopKTeacher, flatten_teacher_inputs, topk_rows
-
-
-_AGREEMENT_FIELDS = 12
 
 
 class Communicator:
@@ -49,13 +55,13 @@ class Communicator:
         global last_communicator
         self.group = group
         self.calls = 0
-        self.bytes_per_row = 0
+        self.bytes_reduced = 0   # by the all-reduces
         last_communicator = self
 
     def all_reduce(self, tensor: Tensor, op) -> Tensor:
         dist.all_reduce(tensor, op=op, group=self.group)
         self.calls += 1
-        self.bytes_per_row += tensor.element_size() * (tensor.numel() // max(tensor.shape[-1], 1))
+        self.bytes_reduced += tensor.element_size() * tensor.numel()
         return tensor
 
     def max_(self, tensor: Tensor) -> Tensor:
@@ -74,6 +80,24 @@ class Communicator:
 
 # The last Communicator used in this process, for tests that count collectives.
 last_communicator: Optional[Communicator] = None
+
+
+def check_process_group(process_group) -> None:
+    if isinstance(process_group, bool) or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                        f"got {type(process_group).__name__}")
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+_AGREEMENT_FIELDS = 13
+
+
+class Agreement(NamedTuple):
+    class_offset: int   # this rank's first class
+    num_classes: int    # the classes of all ranks' slices
+    chunk_rows: int     # the fewest rows per chunk any rank asked for (fused linear)
 
 
 def _fingerprint(*parts) -> int:
@@ -99,19 +123,19 @@ def _range_fields(indices: Optional[Tensor]):
 def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *, num_classes: int = 0,
                     num_rows: int = 0, num_levels: int = 0, target: Optional[Tensor] = None,
                     ignore_index: int = 0, teacher_indices: Optional[Tensor] = None,
-                    settings=None) -> Tuple[int, int]:
-    """One all_gather; every rank raises if any rank's inputs are bad. Returns
-    (this rank's class offset, the total class count).
+                    settings=None, chunk_rows: int = 0) -> Agreement:
+    """One all_gather; every rank raises if any rank's inputs are bad.
 
     ``teacher_indices``: the listed classes of a top-k teacher (global indices), checked
-    against the total class count as the target is.
+    against the total class count as the target is. ``settings``: what every rank must
+    pass alike (options, reduction, teacher kind, ...).
     """
     fields = torch.zeros(_AGREEMENT_FIELDS, dtype=torch.int64)
     if local_error is None:
         fields[:] = torch.tensor(
             [0, num_classes, num_rows, num_levels, _target_checksum(target), _fingerprint(settings)]
             + _range_fields(target[target != ignore_index])
-            + _range_fields(teacher_indices))
+            + _range_fields(teacher_indices) + [chunk_rows])
     else:
         fields[0] = 1
     device = torch.device("cpu")
@@ -137,67 +161,165 @@ def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *,
                                  f"{allowed}, got {low if low < 0 else high}")
     for column, what in ((2, "rows (the target's size)"), (3, "teacher levels"), (4, "target values"),
                          (5, "options (temperature, expert_strength, level_weights, weights, "
-                             "ignore_index, reduction, teacher kind)")):
+                             "ignore_index, reduction, teacher kind, hidden size, which inputs "
+                             "need gradients)")):
         differs = (gathered[:, column] != gathered[0, column]).nonzero().flatten()
         if differs.numel():
             raise ValueError(f"process_group: every rank must pass the same {what}; rank 0 and "
                              f"rank {int(differs[0])} differ")
-    return int(widths[:rank].sum()), total
+    return Agreement(int(widths[:rank].sum()), total, int(gathered[:, 12].min()))
+
+
+_ERROR_TYPES = {"ValueError": ValueError, "TypeError": TypeError}
+
+
+@torch.compiler.assume_constant_result
+def _reject_while_tracing(group_name: str, error_type: str, message: str) -> bool:
+    # torch.compile runs a function marked so while it traces (it takes its result as a
+    # constant), so the rank that found the error joins the agreement then, as the
+    # other ranks do when their compiled op runs.
+    agree_on_inputs(Communicator(_resolve_process_group(group_name)), _ERROR_TYPES[error_type](message))
+    return False
+
+
+def reject_on_every_rank(process_group, error: Exception) -> NoReturn:
+    """Raise ``error`` here and make every other rank raise too, at its agreement."""
+    if torch.compiler.is_compiling():
+        _reject_while_tracing(process_group.group_name, type(error).__name__, str(error))
+    agree_on_inputs(Communicator(process_group), error)
+    raise error  # not reached: agree_on_inputs raised it
+
+
+# --------------------------------------------------------------------------- the rows of a slice
+
+
+class SliceRows:
+    """The backend contract's per-row results for rows whose classes this rank holds a
+    slice of: the phases of ``impl`` with all-reduces over ``comm`` between them. Called
+    like ``backends.Backend.forward`` with dense teacher logits; ``fused_linear`` calls it
+    per chunk of rows."""
+
+    def __init__(self, comm: Communicator, impl, opts: MoEKDOptions, agreed: Agreement) -> None:
+        self.comm, self.impl, self.opts, self.agreed = comm, impl, opts, agreed
+
+    def __call__(self, student: Tensor, teacher, target: Tensor, grad_scale: Optional[Tensor],
+                 need_grad: bool):
+        """``teacher``: logits (L, N, C_r), or a loader built by ``impl``."""
+        if isinstance(teacher, Tensor):
+            teacher = self.impl.dense_teacher(teacher, self.opts, accumulation_dtype(student.dtype))
+        return phases.slice_rows(student, teacher, target, self.opts, num_classes=self.agreed.num_classes,
+                                 grad_scale=grad_scale, need_grad=need_grad, combine=self.comm,
+                                 class_offset=self.agreed.class_offset, impl=self.impl)
+
+    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return self.comm.sum_(tensor)
+
+
+# --------------------------------------------------------------------------- the registered op
+
+
+def _count_setting(num_items_in_batch: Optional[Tensor]):
+    """What ranks must agree on about ``num_items_in_batch``: a CPU count's value (read
+    without a device sync), else whether one is given."""
+    if num_items_in_batch is None or num_items_in_batch.device.type != "cpu":
+        return num_items_in_batch is not None
+    return float(num_items_in_batch)
+
+
+@torch.library.custom_op("moekd_kernels::vocab_parallel_moe_kd_loss", mutates_args=())
+def vocab_parallel_op(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor,
+    temperatures: List[float],
+    expert_strengths: List[float],
+    level_weights: List[float],
+    gate_weight: float,
+    expert_weight: float,
+    ignore_index: int,
+    backend: str,
+    reduction: str,
+    need_grad: bool,
+    num_items_in_batch: Optional[Tensor],
+    teacher_indices: Optional[Tensor],
+    teacher_kind: str,
+    group_name: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``ops.moe_kd_loss`` for a class slice: student (N, C_r), teacher logits (L, N, C_r) or,
+    with ``teacher_indices``, a top-k teacher's values (L_t, N, K) of kind ``teacher_kind``
+    at global indices; ``group_name`` names the process group. Agrees on the inputs, then
+    runs the phases of ``backend`` with all-reduces between them."""
+    comm = Communicator(_resolve_process_group(group_name))
+    opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
+                        gate_weight, expert_weight, ignore_index)
+    num_rows, width = student.shape
+    top_k = teacher_indices is not None
+    impl = BACKENDS[backend].load_phases()
+    try:  # the kernel's own dtype and layout checks, which every rank must learn of
+        impl.check_inputs(student, teacher)
+    except (ValueError, TypeError) as exc:
+        agree_on_inputs(comm, exc)
+    agreed = agree_on_inputs(
+        comm, None, num_classes=width, num_rows=num_rows, num_levels=opts.num_levels, target=target,
+        ignore_index=ignore_index, teacher_indices=teacher_indices[~torch.isneginf(teacher)] if top_k else None,
+        settings=(opts, reduction, teacher_kind, _count_setting(num_items_in_batch)))
+    acc = accumulation_dtype(student.dtype)
+    if top_k:
+        rows = topk_rows(TopKTeacher(teacher_indices, teacher, teacher_kind), teacher.shape[0],
+                         opts.num_levels, num_rows, agreed.num_classes)
+        teacher = impl.top_k_teacher(rows, agreed.class_offset, width, opts, acc)
+    divisor = loss_divisor(target, ignore_index, reduction, num_items_in_batch)
+    grad_scale = None if divisor is None else 1.0 / divisor.to(acc)
+    loss, log_likelihood, agreement, grad = SliceRows(comm, impl, opts, agreed)(
+        student, teacher, target, grad_scale, need_grad)
+    return reduced_outputs(student, loss, log_likelihood, agreement, grad, reduction, divisor, need_grad)
+
+
+@vocab_parallel_op.register_fake
+def _vocab_parallel_fake(student, teacher, target, temperatures, expert_strengths, level_weights,
+                         gate_weight, expert_weight, ignore_index, backend, reduction, need_grad,
+                         num_items_in_batch, teacher_indices, teacher_kind, group_name):
+    return fake_outputs(student, reduction, need_grad)
+
+
+register_first_order_autograd(vocab_parallel_op, num_inputs=16)
 
 
 def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
                         temperature, expert_strength, level_weights, gate_weight, expert_weight,
                         ignore_index, reduction, num_items_in_batch, backend, return_stats):
-    """``fused_moe_kd_loss(..., process_group=group)``: the same checks on every rank, one
-    collective that agrees on them, then the phases with all-reduces between them."""
+    """``fused_moe_kd_loss(..., process_group=group)``: the same checks on every rank, then
+    the op, whose first collective agrees on them."""
     from .loss import MoEKDStats
 
-    comm = Communicator(process_group)
-    local_error: Optional[BaseException] = None
+    check_process_group(process_group)
     try:
         # A top-k teacher's indices are global: their range is checked once C is agreed on.
         inputs = flatten_teacher_inputs(student_logits, teacher, target,
                                         option_levels(temperature, expert_strength, level_weights),
                                         global_indices=True)
-        student_2d, target_1d, num_levels = inputs.student, inputs.target, inputs.num_levels
+        student_2d, num_levels = inputs.student, inputs.num_levels
         opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
                                level_weights=level_weights, gate_weight=gate_weight,
                                expert_weight=expert_weight, ignore_index=ignore_index)
         check_reduction(reduction)
-        if isinstance(process_group, bool) or not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, "
-                            f"got {type(process_group).__name__}")
-        sparse = isinstance(teacher, TopKTeacher)
-        try:
-            resolved = resolve_sharded_backend(backend, student_2d.device, student_2d.dtype, num_levels,
-                                               sparse)
-        except RuntimeError as exc:  # an unavailable kernel: every rank must learn of it too
-            raise ValueError(str(exc)) from exc
-        impl = BACKENDS[resolved].load_phases()
-        impl.check_inputs(student_2d, teacher.values if sparse else inputs.teacher)
+        top_k = isinstance(teacher, TopKTeacher)
+        resolved = resolve_sharded_backend(backend, student_2d.device, student_2d.dtype, num_levels, top_k)
         if not isinstance(return_stats, bool):
             raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-        divisor = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
+        num_items = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
     except (ValueError, TypeError) as exc:
-        local_error = exc  # every rank must learn of it before the first heavy collective
-        agree_on_inputs(comm, local_error)
-
-    class_offset, num_classes = agree_on_inputs(
-        comm, None, num_classes=student_2d.shape[1], num_rows=student_2d.shape[0],
-        num_levels=opts.num_levels, target=target_1d, ignore_index=opts.ignore_index,
-        teacher_indices=teacher.indices[~torch.isneginf(teacher.values)] if sparse else None,
-        settings=(opts, reduction, teacher.kind if sparse else "dense",
-                  None if isinstance(num_items_in_batch, Tensor) else num_items_in_batch))
-    acc = accumulation_dtype(student_2d.dtype)
-    width = student_2d.shape[1]
-    if sparse:
-        rows = topk_rows(teacher, inputs.teacher_levels, opts.num_levels, student_2d.shape[0], num_classes)
-        loader = impl.top_k_teacher(rows, class_offset, width, opts, acc)
+        reject_on_every_rank(process_group, exc)
+    if top_k:
+        shape = (inputs.teacher_levels, student_2d.shape[0], teacher.k)
+        values, indices, kind = teacher.values.detach().reshape(shape), teacher.indices.reshape(shape), teacher.kind
     else:
-        loader = impl.dense_teacher(inputs.teacher.detach(), opts, acc)
-    loss, log_likelihood, agreement = phases.phased_loss(
-        student_2d, loader, target_1d, opts, reduction=reduction, num_classes=num_classes,
-        num_items_in_batch=divisor, combine=comm, class_offset=class_offset, impl=impl)
+        values, indices, kind = inputs.teacher.detach(), None, "dense"
+    loss, log_likelihood, agreement, _ = vocab_parallel_op(
+        student_2d, values, inputs.target, list(opts.temperatures), list(opts.expert_strengths),
+        list(opts.level_weights), opts.gate_weight, opts.expert_weight, opts.ignore_index, resolved,
+        reduction, torch.is_grad_enabled() and student_logits.requires_grad, num_items, indices, kind,
+        process_group.group_name)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:
