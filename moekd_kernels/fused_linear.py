@@ -42,12 +42,12 @@ chunk-sized temporaries of its own; the fused kernels none.)
 from __future__ import annotations
 
 from numbers import Integral
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS, check_backend_name, resolve_backend
+from .backends import BACKENDS, check_backend_name, resolve_backend, resolve_sharded_backend
 from .loss import MoEKDStats
 from .ops import _compiling, scale_rows_
 from .options import (
@@ -61,6 +61,7 @@ from .options import (
     resolve_options,
 )
 from .reference import accumulation_dtype
+from .vocab_parallel import agreed_slice_rows, check_process_group, checked_on_every_rank, count_setting
 
 # Budget for one chunk's logits buffers, by device type (see the module docstring).
 CHUNK_BUDGET_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
@@ -116,10 +117,15 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 def _run_chunks(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                 teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
-                target: Tensor, opts: MoEKDOptions, backend: str, chunk_size: int,
+                target: Tensor, opts: MoEKDOptions, rows_of, chunk_size: int,
                 grad_scale: Optional[Tensor], row_scale: Optional[Tensor],
                 need_rows: bool, need_hidden: bool, need_weight: bool, need_bias: bool):
     """The chunk loop shared by the forward op and the ``reduction="none"`` backward op.
+
+    ``rows_of`` gives a chunk's per-row results from its logits, like a backend's
+    ``forward``: ``LocalRows`` on one device, ``vocab_parallel.SliceRows`` when the
+    vocabulary is sharded (the logits are then this rank's slice, and ``grad_hidden``
+    is summed over the ranks at the end).
 
     student_hidden (N, H_s), student_weight (V, H_s), teacher_hidden (L_h, N, H_t),
     teacher_weight (L_h, V, H_t), teacher_bias (L_h, V) or None, target (N,) int64.
@@ -185,8 +191,7 @@ def _run_chunks(student_hidden: Tensor, student_weight: Tensor, student_bias: Op
             # One head at several temperatures: every level reads the same logits.
             t_logits = t_logits.expand(num_levels, n, vocab_size)
 
-        loss, log_likelihood, agreement, grad = BACKENDS[backend].forward(
-            s_logits, t_logits, y, opts, grad_scale, need_grad)
+        loss, log_likelihood, agreement, grad = rows_of(s_logits, t_logits, y, grad_scale, need_grad)
         if need_rows:
             for out, value in zip(rows_out, (loss, log_likelihood, agreement)):
                 if idx is None:
@@ -208,13 +213,46 @@ def _run_chunks(student_hidden: Tensor, student_weight: Tensor, student_bias: Op
         if need_bias:
             grad_bias.add_(grad.sum(0, dtype=acc))
         del grad, loss, log_likelihood, agreement
+    if need_hidden:
+        rows_of.sum_over_ranks(grad_hidden)
     return rows_out, grad_hidden, grad_weight, grad_bias
+
+
+class LocalRows:
+    """``_run_chunks``' rows on one device: the backend's fused kernel on whole rows."""
+
+    def __init__(self, backend: str, opts: MoEKDOptions) -> None:
+        self.backend, self.opts = BACKENDS[backend], opts
+
+    def __call__(self, student, teacher, target, grad_scale, need_grad):
+        return self.backend.forward(student, teacher, target, self.opts, grad_scale, need_grad)
+
+    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+def _rows_of(backend: str, opts: MoEKDOptions, chunk_size: int, group_name: Optional[str],
+             target: Tensor, vocab_size: int, settings) -> Tuple[object, int]:
+    """The chunks' rows function and the rows per chunk: with a group, agreed on by every
+    rank first (the same chunks everywhere: the fewest rows any rank asked for)."""
+    if group_name is None:
+        return LocalRows(backend, opts), chunk_size
+    rows_of = agreed_slice_rows(group_name, backend, opts, target=target, width=vocab_size,
+                                settings=settings, chunk_rows=chunk_size)
+    return rows_of, rows_of.agreed.chunk_rows
 
 
 def _options(temperatures, expert_strengths, level_weights, gate_weight, expert_weight,
              ignore_index) -> MoEKDOptions:
     return MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
                         gate_weight, expert_weight, ignore_index)
+
+
+def _settings(opts: MoEKDOptions, reduction: str, num_items: Optional[Tensor], student_hidden: Tensor,
+              teacher_hidden: Tensor, need_hidden: bool):
+    """What every rank of a group must pass alike (``vocab_parallel.agree_on_inputs``)."""
+    return (opts, reduction, "fused linear", count_setting(num_items), student_hidden.shape[1],
+            tuple(teacher_hidden.shape[::2]), need_hidden)
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -246,13 +284,15 @@ def fused_linear_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    group_name: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """→ (loss, log_likelihood (N,), agreement (N,), grad_hidden, grad_weight, grad_bias).
 
     ``loss`` is reduced as ``reduction`` says ("mean", "sum", "none"; with ``num_items``
     the sum divided by it). The gradients are those of the returned loss; each is an
     empty tensor where not asked for, and all three are for ``reduction="none"``
-    (backward recomputes them there).
+    (backward recomputes them there). ``group_name``: the process group over whose ranks
+    the vocabulary is sharded (this rank's weights are its slice of the rows).
     """
     opts = _options(temperatures, expert_strengths, level_weights, gate_weight, expert_weight,
                     ignore_index)
@@ -268,10 +308,13 @@ def fused_linear_op(
         # Counted on the device; 0 valid rows → 0 / 1 = 0, never NaN.
         divisor = (target != ignore_index).sum().clamp_min(1).to(acc)
         grad_scale = 1.0 / divisor
+    rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target, student_weight.shape[0],
+                                   _settings(opts, reduction, num_items, student_hidden, teacher_hidden,
+                                             need_hidden))
     with torch.autocast(student_hidden.device.type, enabled=False):
         rows, grad_hidden, grad_weight, grad_bias = _run_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-            teacher_bias, target, opts, backend, chunk_size, grad_scale, None, True,
+            teacher_bias, target, opts, rows_of, chunk_size, grad_scale, None, True,
             grads_here and need_hidden, grads_here and need_weight, grads_here and need_bias)
     loss, log_likelihood, agreement = rows
     if not per_row:
@@ -288,7 +331,7 @@ def fused_linear_op(
 def _fused_linear_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                        teacher_bias, target, num_items, temperatures, expert_strengths, level_weights,
                        gate_weight, expert_weight, ignore_index, backend, reduction, chunk_size,
-                       need_hidden, need_weight, need_bias):
+                       need_hidden, need_weight, need_bias, group_name=None):
     num_rows = student_hidden.shape[0]
     acc = accumulation_dtype(student_weight.dtype)
     grads_here = reduction != "none"
@@ -325,14 +368,18 @@ def fused_linear_rows_backward_op(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    group_name: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of ``reduction="none"``: the chunks again, row i's gradient times grad_rows[i]."""
     opts = _options(temperatures, expert_strengths, level_weights, gate_weight, expert_weight,
                     ignore_index)
+    rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target, student_weight.shape[0],
+                                   _settings(opts, "none", None, student_hidden, teacher_hidden,
+                                             need_hidden))
     with torch.autocast(student_hidden.device.type, enabled=False):
         _, grad_hidden, grad_weight, grad_bias = _run_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-            teacher_bias, target, opts, backend, chunk_size, None,
+            teacher_bias, target, opts, rows_of, chunk_size, None,
             grad_rows.to(accumulation_dtype(student_weight.dtype)), False,
             need_hidden, need_weight, need_bias)
     return (_empty(student_hidden) if grad_hidden is None else grad_hidden,
@@ -344,7 +391,7 @@ def fused_linear_rows_backward_op(
 def _rows_backward_fake(grad_rows, student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias, target, temperatures, expert_strengths,
                         level_weights, gate_weight, expert_weight, ignore_index, backend, chunk_size,
-                        need_hidden, need_weight, need_bias):
+                        need_hidden, need_weight, need_bias, group_name=None):
     grad_hidden = (torch.empty(student_hidden.shape, dtype=student_hidden.dtype, device=student_hidden.device)
                    if need_hidden else _empty(student_hidden))
     grad_weight = (torch.empty(student_weight.shape, dtype=student_weight.dtype, device=student_weight.device)
@@ -353,7 +400,7 @@ def _rows_backward_fake(grad_rows, student_hidden, student_weight, student_bias,
     return grad_hidden, grad_weight, grad_bias
 
 
-_NUM_OP_INPUTS = 20
+_NUM_OP_INPUTS = 21
 
 
 def _setup_context(ctx, inputs, output):
@@ -385,7 +432,7 @@ def _scaled(grad: Tensor, factor: Tensor) -> Tensor:
 
 def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _gh, _gw, _gb):
     (temperatures, expert_strengths, level_weights, gate_weight, expert_weight, ignore_index,
-     backend, _reduction, chunk_size, need_hidden, need_weight, need_bias) = ctx.options
+     backend, _reduction, chunk_size, need_hidden, need_weight, need_bias, group_name) = ctx.options
     nothing = (None,) * _NUM_OP_INPUTS
     if grad_loss is None:
         return nothing
@@ -401,7 +448,8 @@ def _backward(ctx, grad_loss, _grad_ll, _grad_agreement, _gh, _gw, _gb):
         grad_hidden, grad_weight, grad_bias = fused_linear_rows_backward_op(
             grad_loss, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
             teacher_bias, target, temperatures, expert_strengths, level_weights, gate_weight,
-            expert_weight, ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias)
+            expert_weight, ignore_index, backend, chunk_size, need_hidden, need_weight, need_bias,
+            group_name)
     else:
         grad_hidden, grad_weight, grad_bias = (_scaled(g, grad_loss) for g in ctx.saved_tensors)
     return ((grad_hidden if need_hidden else None),
@@ -443,49 +491,28 @@ def _cast(value: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Ten
     return value.to(dtype)
 
 
-def fused_linear_moe_kd_loss(
-    student_hidden: Tensor,
-    student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
-    target: Tensor,
-    *,
-    student_bias: Optional[Tensor] = None,
-    teacher_bias: Optional[Tensor] = None,
-    chunk_size: Optional[int] = None,
-    temperature: PerLevel = 4.0,
-    expert_strength: PerLevel = 2.0,
-    level_weights: Optional[Sequence[float]] = None,
-    gate_weight: float = 1.0,
-    expert_weight: float = 1.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: Union[int, Tensor, None] = None,
-    backend: str = "auto",
-    return_stats: bool = False,
-) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
-    """MoE-KD on ``hidden @ weight.T + bias`` without materialising the N×V logits.
+class _Prepared(NamedTuple):
+    """``fused_linear_moe_kd_loss``'s inputs as the op takes them, checked."""
 
-    Equal, value and gradients with respect to ``student_hidden``, ``student_weight`` and
-    ``student_bias``, to ``fused_moe_kd_loss`` on the materialised logits; the teacher
-    gets no gradient.
+    student_hidden: Tensor             # (N, H_s), cast as autocast says
+    student_weight: Tensor             # (V, H_s)
+    student_bias: Optional[Tensor]     # (V,)
+    teacher_hidden: Tensor             # (L_h, N, H_t), detached
+    teacher_weight: Tensor             # (L_h, V, H_t), detached
+    teacher_bias: Optional[Tensor]     # (L_h, V), detached
+    target: Tensor                     # (N,) int64
+    opts: MoEKDOptions
+    num_items: Optional[Tensor]
+    backend: str
+    chunk_size: int
 
-    Args:
-        student_hidden: ``(..., H_s)``, e.g. the student's last hidden states.
-        student_weight: ``(V, H_s)``, e.g. ``student.lm_head.weight``; same dtype as the hidden states.
-        teacher_hidden: ``(..., H_t)``, or ``(L, ..., H_t)`` for L teacher heads.
-        teacher_weight: ``(V, H_t)``, or ``(L, V, H_t)`` for L heads. One head with per-level
-            option lists of length L is L levels of the same logits (computed once per chunk).
-        target: ``(...)`` class indices in ``[0, V)`` or ``ignore_index``.
-        student_bias: ``(V,)`` or None.
-        teacher_bias: ``(V,)``, ``(L, V)`` for L heads, or None.
-        chunk_size: rows per chunk; None picks it from a memory budget (module docstring).
-        num_items_in_batch: int or 0-dim tensor, with ``reduction="mean"``: the loss is then
-            the sum over non-ignored rows divided by it (Hugging Face / TRL gradient accumulation).
-        The other options are those of :func:`moekd_kernels.fused_moe_kd_loss`.
 
-    Under autocast the GEMMs run in the autocast dtype, as ``F.linear`` would.
-    """
+def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
+             teacher_bias, chunk_size, temperature, expert_strength, level_weights, gate_weight,
+             expert_weight, ignore_index, reduction, num_items_in_batch, backend, return_stats,
+             sharded: bool) -> _Prepared:
+    """Every check of ``fused_linear_moe_kd_loss``'s arguments; ``sharded``: the weights are
+    one rank's slice of the vocabulary."""
     _check_tensor("student_hidden", student_hidden)
     _check_tensor("student_weight", student_weight)
     _check_tensor("teacher_hidden", teacher_hidden)
@@ -589,20 +616,90 @@ def fused_linear_moe_kd_loss(
                         f"got {teacher_bias.dtype}")
 
     target_1d = target.reshape(-1).to(torch.int64)
-    check_target_values(target_1d, vocab_size, opts.ignore_index)
-    chosen = resolve_backend(backend, device, s_weight.dtype, opts.num_levels)
+    if sharded:  # the target's range is checked against the global V by the op
+        chosen = resolve_sharded_backend(backend, device, s_weight.dtype, opts.num_levels)
+    else:
+        check_target_values(target_1d, vocab_size, opts.ignore_index)
+        chosen = resolve_backend(backend, device, s_weight.dtype, opts.num_levels)
     if chunk_size is None:
         chunk_size = auto_chunk_size(None, vocab_size, s_weight.dtype, t_weight.dtype, heads, device.type)
+    return _Prepared(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target_1d, opts, num_items,
+                     chosen, int(chunk_size))
 
+
+
+def fused_linear_moe_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Tensor,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    temperature: PerLevel = 4.0,
+    expert_strength: PerLevel = 2.0,
+    level_weights: Optional[Sequence[float]] = None,
+    gate_weight: float = 1.0,
+    expert_weight: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: Union[int, Tensor, None] = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    process_group=None,
+) -> Union[Tensor, Tuple[Tensor, MoEKDStats]]:
+    """MoE-KD on ``hidden @ weight.T + bias`` without materialising the N×V logits.
+
+    Equal, value and gradients with respect to ``student_hidden``, ``student_weight`` and
+    ``student_bias``, to ``fused_moe_kd_loss`` on the materialised logits; the teacher
+    gets no gradient.
+
+    Args:
+        student_hidden: ``(..., H_s)``, e.g. the student's last hidden states.
+        student_weight: ``(V, H_s)``, e.g. ``student.lm_head.weight``; same dtype as the hidden states.
+        teacher_hidden: ``(..., H_t)``, or ``(L, ..., H_t)`` for L teacher heads.
+        teacher_weight: ``(V, H_t)``, or ``(L, V, H_t)`` for L heads. One head with per-level
+            option lists of length L is L levels of the same logits (computed once per chunk).
+        target: ``(...)`` class indices in ``[0, V)`` or ``ignore_index``.
+        student_bias: ``(V,)`` or None.
+        teacher_bias: ``(V,)``, ``(L, V)`` for L heads, or None.
+        chunk_size: rows per chunk; None picks it from a memory budget (module docstring).
+        num_items_in_batch: int or 0-dim tensor, with ``reduction="mean"``: the loss is then
+            the sum over non-ignored rows divided by it (Hugging Face / TRL gradient accumulation).
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded
+            (tensor parallelism): each rank passes its contiguous slice of the output rows,
+            ``student_weight`` (V_r, H_s) and ``teacher_weight`` (..., V_r, H_t) (and biases),
+            slices in rank order, with ``student_hidden``, ``teacher_hidden`` and ``target``
+            (global class indices) the same on every rank. Every rank gets the unsharded loss
+            and stats, the gradient of its own weight slice, and ``student_hidden``'s whole
+            gradient (summed over the group).
+        The other options are those of :func:`moekd_kernels.fused_moe_kd_loss`.
+
+    Under autocast the GEMMs run in the autocast dtype, as ``F.linear`` would.
+    """
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight, target)
+    options = dict(student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
+                   temperature=temperature, expert_strength=expert_strength, level_weights=level_weights,
+                   gate_weight=gate_weight, expert_weight=expert_weight, ignore_index=ignore_index,
+                   reduction=reduction, num_items_in_batch=num_items_in_batch, backend=backend,
+                   return_stats=return_stats)
+    if process_group is None:
+        p = _prepare(*args, **options, sharded=False)
+    else:
+        p = checked_on_every_rank(process_group, _prepare, *args, **options, sharded=True)
+    opts = p.opts
     grad_on = torch.is_grad_enabled()
-    need_hidden = grad_on and s_hidden.requires_grad
-    need_weight = grad_on and s_weight.requires_grad
-    need_bias = grad_on and s_bias is not None and s_bias.requires_grad
+    need_hidden = grad_on and p.student_hidden.requires_grad
+    need_weight = grad_on and p.student_weight.requires_grad
+    need_bias = grad_on and p.student_bias is not None and p.student_bias.requires_grad
     loss, log_likelihood, agreement, _, _, _ = fused_linear_op(
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, target_1d, num_items,
-        list(opts.temperatures), list(opts.expert_strengths), list(opts.level_weights),
-        opts.gate_weight, opts.expert_weight, opts.ignore_index, chosen, reduction,
-        int(chunk_size), need_hidden, need_weight, need_bias)
+        p.student_hidden, p.student_weight, p.student_bias, p.teacher_hidden, p.teacher_weight,
+        p.teacher_bias, p.target, p.num_items, list(opts.temperatures), list(opts.expert_strengths),
+        list(opts.level_weights), opts.gate_weight, opts.expert_weight, opts.ignore_index, p.backend,
+        reduction, p.chunk_size, need_hidden, need_weight, need_bias,
+        None if process_group is None else process_group.group_name)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:
@@ -627,11 +724,14 @@ class FusedLinearMoEKDLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         return_stats: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__()
         # Fail at construction for what can be checked without the tensors.
         check_reduction(reduction)
         check_backend_name(backend)
+        if process_group is not None:
+            check_process_group(process_group)
         resolve_options(option_levels(temperature, expert_strength, level_weights) or 1,
                         temperature=temperature, expert_strength=expert_strength,
                         level_weights=level_weights, gate_weight=gate_weight,
@@ -647,6 +747,7 @@ class FusedLinearMoEKDLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.return_stats = return_stats
+        self.process_group = process_group
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, target: Tensor, student_bias: Optional[Tensor] = None,
@@ -660,7 +761,7 @@ class FusedLinearMoEKDLoss(nn.Module):
             level_weights=self.level_weights, gate_weight=self.gate_weight,
             expert_weight=self.expert_weight, ignore_index=self.ignore_index,
             reduction=self.reduction, num_items_in_batch=num_items_in_batch,
-            backend=self.backend, return_stats=self.return_stats)
+            backend=self.backend, return_stats=self.return_stats, process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return (f"chunk_size={self.chunk_size}, temperature={self.temperature}, "

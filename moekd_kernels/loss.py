@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .backends import check_backend_name, resolve_backend
 from .ops import moe_kd_loss
 from .teachers import TopKTeacher, flatten_teacher_inputs, topk_rows
-from .vocab_parallel import sharded_moe_kd_loss
+from .vocab_parallel import check_process_group, sharded_moe_kd_loss
 from .options import (
     PerLevel,
     check_num_items_in_batch,
@@ -173,6 +173,8 @@ class MoEKDLoss(nn.Module):
         # Fail at construction for what can be checked without the tensors.
         check_reduction(reduction)
         check_backend_name(backend)
+        if process_group is not None:
+            check_process_group(process_group)
         resolve_options(
             option_levels(temperature, expert_strength, level_weights) or 1,
             temperature=temperature,

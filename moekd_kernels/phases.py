@@ -272,7 +272,7 @@ PYTORCH = TorchPhases()
 
 
 class LocalCombine:
-    """``phased_loss``'s combine step on one device: the slice is the whole row."""
+    """``slice_rows``' combine step on one device: the slice is the whole row."""
 
     def max_(self, tensor: Tensor) -> Tensor:
         return tensor

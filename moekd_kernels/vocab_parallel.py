@@ -190,6 +190,15 @@ def reject_on_every_rank(process_group, error: Exception) -> NoReturn:
     raise error  # not reached: agree_on_inputs raised it
 
 
+def checked_on_every_rank(process_group, check, *args, **kwargs):
+    """``check(*args, **kwargs)``; a ValueError or TypeError it raises is raised on every rank."""
+    check_process_group(process_group)
+    try:
+        return check(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        reject_on_every_rank(process_group, exc)
+
+
 # --------------------------------------------------------------------------- the rows of a slice
 
 
@@ -212,13 +221,36 @@ class SliceRows:
                                  class_offset=self.agreed.class_offset, impl=self.impl)
 
     def sum_over_ranks(self, tensor: Tensor) -> Tensor:
-        return self.comm.sum_(tensor)
+        """In place; a low-precision tensor is summed in float32 and rounded once."""
+        if tensor.dtype in (torch.float32, torch.float64):
+            return self.comm.sum_(tensor)
+        return tensor.copy_(self.comm.sum_(tensor.float()))
+
+
+def agreed_slice_rows(group_name: str, backend: str, opts: MoEKDOptions, *, target: Tensor, settings,
+                      width: int, student: Optional[Tensor] = None, teacher: Optional[Tensor] = None,
+                      teacher_indices: Optional[Tensor] = None, chunk_rows: int = 0) -> SliceRows:
+    """The ``SliceRows`` of this rank once every rank has agreed on the inputs (one
+    all_gather): ``width`` classes here, ``settings`` alike everywhere. ``student`` and
+    ``teacher`` (logits or top-k values), when given, go through the backend's own input
+    checks first, whose errors every rank raises."""
+    comm = Communicator(_resolve_process_group(group_name))
+    impl = BACKENDS[backend].load_phases()
+    if student is not None:
+        try:
+            impl.check_inputs(student, teacher)
+        except (ValueError, TypeError) as exc:
+            agree_on_inputs(comm, exc)
+    agreed = agree_on_inputs(comm, None, num_classes=width, num_rows=target.numel(),
+                             num_levels=opts.num_levels, target=target, ignore_index=opts.ignore_index,
+                             teacher_indices=teacher_indices, settings=settings, chunk_rows=chunk_rows)
+    return SliceRows(comm, impl, opts, agreed)
 
 
 # --------------------------------------------------------------------------- the registered op
 
 
-def _count_setting(num_items_in_batch: Optional[Tensor]):
+def count_setting(num_items_in_batch: Optional[Tensor]):
     """What ranks must agree on about ``num_items_in_batch``: a CPU count's value (read
     without a device sync), else whether one is given."""
     if num_items_in_batch is None or num_items_in_batch.device.type != "cpu":
@@ -249,29 +281,22 @@ def vocab_parallel_op(
     with ``teacher_indices``, a top-k teacher's values (L_t, N, K) of kind ``teacher_kind``
     at global indices; ``group_name`` names the process group. Agrees on the inputs, then
     runs the phases of ``backend`` with all-reduces between them."""
-    comm = Communicator(_resolve_process_group(group_name))
     opts = MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
                         gate_weight, expert_weight, ignore_index)
     num_rows, width = student.shape
     top_k = teacher_indices is not None
-    impl = BACKENDS[backend].load_phases()
-    try:  # the kernel's own dtype and layout checks, which every rank must learn of
-        impl.check_inputs(student, teacher)
-    except (ValueError, TypeError) as exc:
-        agree_on_inputs(comm, exc)
-    agreed = agree_on_inputs(
-        comm, None, num_classes=width, num_rows=num_rows, num_levels=opts.num_levels, target=target,
-        ignore_index=ignore_index, teacher_indices=teacher_indices[~torch.isneginf(teacher)] if top_k else None,
-        settings=(opts, reduction, teacher_kind, _count_setting(num_items_in_batch)))
+    rows_of = agreed_slice_rows(
+        group_name, backend, opts, target=target, width=width, student=student, teacher=teacher,
+        teacher_indices=teacher_indices[~torch.isneginf(teacher)] if top_k else None,
+        settings=(opts, reduction, teacher_kind, count_setting(num_items_in_batch)))
     acc = accumulation_dtype(student.dtype)
     if top_k:
         rows = topk_rows(TopKTeacher(teacher_indices, teacher, teacher_kind), teacher.shape[0],
-                         opts.num_levels, num_rows, agreed.num_classes)
-        teacher = impl.top_k_teacher(rows, agreed.class_offset, width, opts, acc)
+                         opts.num_levels, num_rows, rows_of.agreed.num_classes)
+        teacher = rows_of.impl.top_k_teacher(rows, rows_of.agreed.class_offset, width, opts, acc)
     divisor = loss_divisor(target, ignore_index, reduction, num_items_in_batch)
     grad_scale = None if divisor is None else 1.0 / divisor.to(acc)
-    loss, log_likelihood, agreement, grad = SliceRows(comm, impl, opts, agreed)(
-        student, teacher, target, grad_scale, need_grad)
+    loss, log_likelihood, agreement, grad = rows_of(student, teacher, target, grad_scale, need_grad)
     return reduced_outputs(student, loss, log_likelihood, agreement, grad, reduction, divisor, need_grad)
 
 
@@ -285,6 +310,26 @@ def _vocab_parallel_fake(student, teacher, target, temperatures, expert_strength
 register_first_order_autograd(vocab_parallel_op, num_inputs=16)
 
 
+def _prepare(student_logits: Tensor, teacher, target: Tensor, *, temperature, expert_strength,
+             level_weights, gate_weight, expert_weight, ignore_index, reduction, num_items_in_batch,
+             backend, return_stats):
+    """``sharded_moe_kd_loss``'s checks of its own rank's arguments."""
+    # A top-k teacher's indices are global: their range is checked once C is agreed on.
+    inputs = flatten_teacher_inputs(student_logits, teacher, target,
+                                    option_levels(temperature, expert_strength, level_weights),
+                                    global_indices=True)
+    opts = resolve_options(inputs.num_levels, temperature=temperature, expert_strength=expert_strength,
+                           level_weights=level_weights, gate_weight=gate_weight,
+                           expert_weight=expert_weight, ignore_index=ignore_index)
+    check_reduction(reduction)
+    resolved = resolve_sharded_backend(backend, inputs.student.device, inputs.student.dtype,
+                                       inputs.num_levels, isinstance(teacher, TopKTeacher))
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+    num_items = check_num_items_in_batch(num_items_in_batch, reduction, inputs.student.device)
+    return inputs, opts, resolved, num_items
+
+
 def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, process_group,
                         temperature, expert_strength, level_weights, gate_weight, expert_weight,
                         ignore_index, reduction, num_items_in_batch, backend, return_stats):
@@ -292,25 +337,13 @@ def sharded_moe_kd_loss(student_logits: Tensor, teacher, target: Tensor, *, proc
     the op, whose first collective agrees on them."""
     from .loss import MoEKDStats
 
-    check_process_group(process_group)
-    try:
-        # A top-k teacher's indices are global: their range is checked once C is agreed on.
-        inputs = flatten_teacher_inputs(student_logits, teacher, target,
-                                        option_levels(temperature, expert_strength, level_weights),
-                                        global_indices=True)
-        student_2d, num_levels = inputs.student, inputs.num_levels
-        opts = resolve_options(num_levels, temperature=temperature, expert_strength=expert_strength,
-                               level_weights=level_weights, gate_weight=gate_weight,
-                               expert_weight=expert_weight, ignore_index=ignore_index)
-        check_reduction(reduction)
-        top_k = isinstance(teacher, TopKTeacher)
-        resolved = resolve_sharded_backend(backend, student_2d.device, student_2d.dtype, num_levels, top_k)
-        if not isinstance(return_stats, bool):
-            raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-        num_items = check_num_items_in_batch(num_items_in_batch, reduction, student_2d.device)
-    except (ValueError, TypeError) as exc:
-        reject_on_every_rank(process_group, exc)
-    if top_k:
+    inputs, opts, resolved, num_items = checked_on_every_rank(
+        process_group, _prepare, student_logits, teacher, target, temperature=temperature,
+        expert_strength=expert_strength, level_weights=level_weights, gate_weight=gate_weight,
+        expert_weight=expert_weight, ignore_index=ignore_index, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, backend=backend, return_stats=return_stats)
+    student_2d = inputs.student
+    if isinstance(teacher, TopKTeacher):
         shape = (inputs.teacher_levels, student_2d.shape[0], teacher.k)
         values, indices, kind = teacher.values.detach().reshape(shape), teacher.indices.reshape(shape), teacher.kind
     else:

@@ -75,6 +75,7 @@ def _conformance_worker(rank: int, world: int, rendezvous: str, backends) -> Non
     for backend in backends:
         _check_conformance(rank, world, backend)
         _check_sharded_top_k_teacher(rank, _slices(11, WIDTHS[world]), backend)
+        _check_sharded_fused_linear(rank, world, backend)
     dist.destroy_process_group()
 
 
@@ -168,6 +169,92 @@ def _check_sharded_top_k_teacher(rank: int, offsets, backend: str) -> None:
     assert torch.equal(module(student[:, lo:hi], teacher, target), loss.detach())
 
 
+def _check_sharded_fused_linear(rank: int, world: int, backend: str) -> None:
+    """fused_linear_moe_kd_loss with each rank holding its rows of the output weights: the
+    loss and stats of the whole vocabulary, this rank's weight and bias gradients, and the
+    whole gradient of the replicated hidden states."""
+    from moekd_kernels import FusedLinearMoEKDLoss, fused_linear_moe_kd_loss, vocab_parallel
+    from oracle import Case, float64_oracle
+
+    vocab, hidden, teacher_hidden_size = 11, 6, 5
+    offsets = _slices(vocab, WIDTHS[world])
+    lo, hi = offsets[rank], offsets[rank + 1]
+    for seed, (dtype, heads, reduction, chunk_size) in enumerate([
+        (torch.float32, 2, "mean", 3 + rank),    # chunks of 3 rows: the ranks agree on the fewest
+        (torch.float32, 1, "none", None),        # backward runs the chunks again
+        (torch.bfloat16, 1, "sum", 4),
+    ]):
+        g = torch.Generator().manual_seed(100 + seed)
+        h_s = torch.randn(2, 5, hidden, generator=g).to(dtype)
+        w_s = torch.randn(vocab, hidden, generator=g).to(dtype)
+        b_s = torch.randn(vocab, generator=g).to(dtype)
+        lead = (heads, 2, 5) if heads > 1 else (2, 5)
+        h_t = torch.randn(lead + (teacher_hidden_size,), generator=g).to(dtype)
+        w_t = torch.randn(((heads,) if heads > 1 else ()) + (vocab, teacher_hidden_size), generator=g).to(dtype)
+        target = torch.randint(0, vocab, (2, 5), generator=g)
+        target.view(-1)[:world] = torch.tensor(offsets[1:world + 1]) - 1
+        target.view(-1)[-2] = -100
+        options = dict(temperature=[2.0, 3.0][:heads] if heads > 1 else 2.0, expert_strength=1.5,
+                       gate_weight=0.7, expert_weight=1.2)
+
+        hidden_in = h_s.clone().requires_grad_(True)
+        weight = w_s[lo:hi].clone().requires_grad_(True)
+        bias = b_s[lo:hi].clone().requires_grad_(True)
+        loss, stats = fused_linear_moe_kd_loss(
+            hidden_in, weight, h_t, w_t[..., lo:hi, :], target, student_bias=bias, chunk_size=chunk_size,
+            reduction=reduction, backend=backend, return_stats=True, process_group=dist.group.WORLD,
+            **options)
+        comm = vocab_parallel.last_communicator
+        grad_out = (torch.rand(target.shape, generator=g, dtype=torch.float64) + 0.5
+                    if reduction == "none" else torch.tensor(2.0, dtype=torch.float64))
+        loss.backward(grad_out.to(loss.dtype))
+        if reduction == "mean":
+            # 1 agreement + 3 all-reduces per chunk of 3 (9 valid rows) + 1 for grad_hidden.
+            assert comm.calls == 1 + 3 * 3 + 1, comm.calls
+            assert comm.bytes_reduced == 9 * 4 * (5 + 6 * heads) + 10 * hidden * 4, comm.bytes_reduced
+
+        s64 = h_s.double().reshape(-1, hidden) @ w_s.double().T + b_s.double()
+        w_t64 = w_t.double().transpose(-1, -2)
+        t64 = (h_t.double() @ (w_t64[:, None] if heads > 1 else w_t64)).reshape(heads, -1, vocab)
+        exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(
+            Case(s64, t64 if heads > 1 else t64[0], target.reshape(-1), options))
+        valid = target.reshape(-1) != -100
+        if reduction == "mean":
+            exp_loss, scale = exp_loss.sum() / valid.sum(), 2.0 / valid.sum()
+        elif reduction == "sum":
+            exp_loss, scale = exp_loss.sum(), 2.0
+        else:
+            scale = grad_out.reshape(-1, 1)
+        grad_logits = exp_grad * scale
+        hidden_2d = h_s.double().reshape(-1, hidden)
+        expected = {
+            "loss": exp_loss, "log_likelihood": exp_ll, "agreement": exp_agree,
+            "grad_hidden": grad_logits @ w_s.double(),
+            "grad_weight": grad_logits[:, lo:hi].T @ hidden_2d,
+            "grad_bias": grad_logits[:, lo:hi].sum(0),
+        }
+        got = {"loss": loss, "log_likelihood": stats.log_likelihood, "agreement": stats.agreement,
+               "grad_hidden": hidden_in.grad, "grad_weight": weight.grad, "grad_bias": bias.grad}
+        # float32: rounding of float32 GEMMs and sums; bf16: the logits are rounded to bf16
+        # (8 bits) by the GEMM before the loss reads them.
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        for name, want in expected.items():
+            have = got[name].detach().double().reshape(-1)
+            want = want.double().reshape(-1)
+            err = (have - want).abs().max() / want.abs().max().clamp_min(1e-30)
+            assert err <= tol, f"{backend}: world {world} rank {rank} seed {seed} {name}: rel err {float(err):.3g}"
+        for name in ("grad_hidden", "grad_weight", "grad_bias"):
+            assert got[name].dtype == dtype, (name, got[name].dtype)
+
+    # The module form takes the group at construction.
+    module = FusedLinearMoEKDLoss(reduction="sum", backend=backend, process_group=dist.group.WORLD, **options)
+    by_module = module(h_s.float(), w_s[lo:hi].float(), h_t.float(), w_t[lo:hi].float(), target)
+    by_function = fused_linear_moe_kd_loss(h_s.float(), w_s[lo:hi].float(), h_t.float(), w_t[lo:hi].float(),
+                                           target, reduction="sum", backend=backend,
+                                           process_group=dist.group.WORLD, **options)
+    assert torch.equal(by_module, by_function)
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_equals_unsharded(world):
     _run(_conformance_worker, world, _sharded_backends())
@@ -177,6 +264,8 @@ def _bad_input_worker(rank: int, world: int, rendezvous: str) -> None:
     _init(rank, world, rendezvous)
     for which in ("target", "shape", "options"):
         _check_bad_input(rank, world, which)
+    for which in ("target", "shape", "needs grad"):
+        _check_bad_fused_linear_input(rank, world, which)
     dist.destroy_process_group()
 
 
@@ -201,6 +290,31 @@ def _check_bad_input(rank: int, world: int, which: str) -> None:
                 "options": "every rank must pass the same options"}[which]
     assert expected in message, message
     # The group still works afterwards: nobody is stuck in a collective.
+    flag = torch.ones(1)
+    dist.all_reduce(flag)
+    assert flag.item() == world
+
+
+def _check_bad_fused_linear_input(rank: int, world: int, which: str) -> None:
+    from moekd_kernels import fused_linear_moe_kd_loss
+
+    hidden = torch.randn(4, 5, requires_grad=not (which == "needs grad" and rank == 1))
+    weight = torch.randn(3, 5, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(4, 2), torch.randn(3, 2)
+    target = torch.tensor([0, 1, 5, -100])  # 6 classes over two ranks of 3
+    if rank == 1 and which == "target":
+        target = torch.tensor([0, 1, 6, -100])
+    if rank == 1 and which == "shape":
+        teacher_weight = torch.randn(2, 2)       # not the student's 3 rows
+    with pytest.raises(ValueError) as info:
+        fused_linear_moe_kd_loss(hidden, weight, teacher_hidden, teacher_weight, target,
+                                 process_group=dist.group.WORLD)
+    message = str(info.value)
+    expected = {"target": "target values must be in [0, 6)",
+                "shape": "teacher_weight must have V=3 rows" if rank == 1 else "rank(s) [1] rejected",
+                # One rank would sum student_hidden's gradient over the group, the other not.
+                "needs grad": "every rank must pass the same options"}[which]
+    assert expected in message, message
     flag = torch.ones(1)
     dist.all_reduce(flag)
     assert flag.item() == world
@@ -252,6 +366,28 @@ def _compile_worker(rank: int, world: int, rendezvous: str) -> None:
             loss.backward()
             assert torch.allclose(loss, eager, rtol=1e-6, atol=0), (dynamic, float(loss), float(eager))
             assert torch.allclose(shard.grad, eager_shard.grad, rtol=1e-6, atol=1e-9), dynamic
+
+    # The fused linear loss over a sharded output layer, compiled.
+    from moekd_kernels import fused_linear_moe_kd_loss
+
+    def linear_step(hidden, weight, teacher_hidden, teacher_weight, target):
+        return fused_linear_moe_kd_loss(hidden, weight, teacher_hidden, teacher_weight, target,
+                                        chunk_size=4, process_group=group)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(linear_step, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(7, 6, generator=g), torch.randn(11, 6, generator=g)
+    teacher_hidden, teacher_weight = torch.randn(7, 3, generator=g), torch.randn(11, 3, generator=g)
+    target = torch.randint(0, 11, (7,), generator=g)
+    grads = []
+    for fn in (linear_step, compiled):
+        leaves = (hidden.clone().requires_grad_(True), weight[lo:hi].clone().requires_grad_(True))
+        loss = fn(*leaves, teacher_hidden, teacher_weight[lo:hi], target)
+        loss.backward()
+        grads.append((loss.detach(),) + tuple(leaf.grad for leaf in leaves))
+    for eager_value, compiled_value in zip(*grads):
+        assert torch.allclose(compiled_value, eager_value, rtol=1e-6, atol=1e-9)
 
     # Bad input on rank 1 only, found while rank 1 traces: both ranks raise, neither hangs.
     torch._dynamo.reset()
