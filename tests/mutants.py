@@ -146,6 +146,12 @@ MUTANTS: Tuple[Mutant, ...] = (
            "vocab-parallel"),
     Mutant("vocab-parallel-target-range-unchecked", "moekd_kernels/vocab_parallel.py",
            "if low < 0 or high >= total:", "if low < 0:", "vocab-parallel"),
+    Mutant("vocab-parallel-hidden-gradient-not-summed", "moekd_kernels/vocab_parallel.py",
+           "            return self.comm.sum_(tensor)\n", "            return tensor\n", "vocab-parallel"),
+    # A rank that fails its checks while compiling must still join the agreement (else: a hang).
+    Mutant("vocab-parallel-tracing-rank-does-not-join", "moekd_kernels/vocab_parallel.py",
+           "        _reject_while_tracing(process_group.group_name, type(error).__name__, str(error))",
+           "        raise error", "vocab-parallel"),
     # ---- fused linear: gradients accumulated over chunks ----
     Mutant("fused-linear-bias-gradient-keeps-the-last-chunk", "moekd_kernels/fused_linear.py",
            "grad_bias.add_(grad.sum(0, dtype=acc))", "grad_bias.copy_(grad.sum(0, dtype=acc))",
