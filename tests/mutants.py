@@ -96,8 +96,8 @@ MUTANTS: Tuple[Mutant, ...] = (
                       "float32 rounding of the outputs; for large β there is no cancellation"),
     # ---- the glue (moekd_kernels/ops.py) ----
     Mutant("mean-divides-by-nonnegative-targets", "moekd_kernels/ops.py",
-           "divisor = (target != ignore_index).sum().clamp_min(1)",
-           "divisor = (target >= 0).sum().clamp_min(1)", "reductions"),
+           "return (target != ignore_index).sum().clamp_min(1)",
+           "return (target >= 0).sum().clamp_min(1)", "reductions"),
     # ---- the reference (moekd_kernels/reference.py) ----
     Mutant("reference-drops-tau-squared", "moekd_kernels/reference.py",
            "gate_ce = gate_ce + tau * tau * _xlogy_safe(r_l, log_q).sum(1)",
