@@ -21,7 +21,11 @@ Sections, each case guarded so that one failure is logged and the rest still run
    its ``forward`` looks up as a module global (replaced meanwhile), and the CUDA backend's
    ``FORCE_PATH``/``PREFETCH`` (set meanwhile). A backend whose winner is not its default is
    then also timed with the winner, as "<backend>*";
-6. fwd+bwd timing with CUDA events at N=16384, C ∈ {4096, 32768, 131072, 262144}, bf16
+6. vocab-parallel in a one-process group (NCCL on a GPU, gloo with ``--tiny``): every
+   backend with phase functions, ``fused_moe_kd_loss(..., process_group=)`` against the
+   float64 rows, and ``fused_linear_moe_kd_loss(..., process_group=)`` against the
+   unsharded fused linear call; its fwd+bwd time against the unsharded fused call;
+7. fwd+bwd timing with CUDA events at N=16384, C ∈ {4096, 32768, 131072, 262144}, bf16
    and fp32: the backends against eager_moekd, compiled_moekd, eager_classic_kd and Liger's
    classic KD when ``liger_kernel`` imports; GB/s, % of copy bandwidth, peak memory.
 
@@ -274,6 +278,128 @@ def section_correctness(rep, torch, B, device, backends, quick, tiny):
                 if _device_poisoned(exc):
                     raise
             rep.save()
+
+
+@contextlib.contextmanager
+def one_process_group(torch, device):
+    """WORLD of a one-process group: NCCL on a GPU, gloo on the CPU."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    store = os.path.join(tempfile.mkdtemp(prefix="gpu-check-pg-"), "store")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def section_vocab_parallel(rep, torch, B, device, tiny):
+    from moekd_kernels import fused_linear_moe_kd_loss, fused_moe_kd_loss
+    from moekd_kernels.backends import BACKENDS
+    from moekd_kernels.options import resolve_options
+    from moekd_kernels.reference import reference_forward
+
+    backends = [n for n, b in BACKENDS.items() if b.phases is not None and b.unavailable_reason(device.type) is None]
+    rep.log(f"== vocab-parallel (one-process group), backends {backends}")
+    rows, classes = (6, 300) if tiny else (64, 131072)
+    options = dict(B.DEFAULT_OPTIONS)
+    opts = resolve_options(1, ignore_index=-100, **{k: options.get(k) for k in (
+        "temperature", "expert_strength", "level_weights", "gate_weight", "expert_weight")})
+    with one_process_group(torch, device) as group:
+        for dtype_name in ("fp32", "bf16"):
+            dtype = B.DTYPES[dtype_name]
+            s, t, y = B.make_inputs(B.Shape(rows, classes, 1), dtype, "cpu", seed=3, ignore_frac=0.2)
+            exp_loss, exp_ll, exp_agree, exp_grad = reference_forward(s.double(), t.double(), y, opts)
+            tol = B.TOLERANCE[dtype]
+            for backend in backends:
+                label = f"vocab-parallel {backend} {dtype_name} C={classes} N={rows}"
+                try:
+                    leaf = s.to(device).detach().clone().requires_grad_(True)
+                    loss, stats = fused_moe_kd_loss(leaf, t[0].to(device), y.to(device), reduction="none",
+                                                    backend=backend, return_stats=True, process_group=group,
+                                                    **options)
+                    loss.sum().backward()
+                    errs = {"loss": B.rel_err(loss, exp_loss), "grad": B.rel_err(leaf.grad, exp_grad),
+                            "log_likelihood": B.rel_err(stats.log_likelihood, exp_ll),
+                            "agreement": B.rel_err(stats.agreement, exp_agree)}
+                    ok = all(e <= tol for e in errs.values()) and leaf.grad.dtype == dtype
+                    rep.data["correctness"].append({"backend": f"sharded:{backend}", "dtype": dtype_name,
+                                                    "classes": classes, "levels": 1, "rows": rows, "tol": tol,
+                                                    "ok": ok, **errs})
+                    worst = max(errs, key=errs.get)
+                    rep.log(f"{'ok  ' if ok else 'FAIL'} {label}: worst {worst} rel err {errs[worst]:.2e}")
+                except Exception as exc:  # noqa: BLE001
+                    rep.data["correctness"].append({"backend": f"sharded:{backend}", "dtype": dtype_name,
+                                                    "classes": classes, "levels": 1, "rows": rows, "ok": False,
+                                                    "error": f"{type(exc).__name__}: {exc}"})
+                    rep.error(label, exc)
+                    if _device_poisoned(exc):
+                        raise
+                rep.save()
+        for backend in backends:
+            label = f"vocab-parallel fused linear {backend}"
+            try:
+                g = torch.Generator().manual_seed(4)
+                hidden = torch.randn(rows, 64, generator=g).to(device)
+                weight = (torch.randn(classes, 64, generator=g) / 8).to(device)
+                teacher_hidden = torch.randn(rows, 32, generator=g).to(device)
+                teacher_weight = (torch.randn(classes, 32, generator=g) / 6).to(device)
+                target = y.to(device)
+                results = []
+                for pg in (None, group):
+                    leaves = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
+                    loss, stats = fused_linear_moe_kd_loss(*leaves, teacher_hidden, teacher_weight, target,
+                                                           backend=backend, process_group=pg, return_stats=True,
+                                                           **options)
+                    loss.backward()
+                    results.append((loss, stats) + tuple(leaf.grad for leaf in leaves))
+                (loss, stats, grad_hidden, grad_weight), want = results[1], results[0]
+                errs = {"loss": B.rel_err(loss, want[0]),
+                        "grad": max(B.rel_err(grad_hidden, want[2]), B.rel_err(grad_weight, want[3])),
+                        "log_likelihood": B.rel_err(stats.log_likelihood, want[1].log_likelihood),
+                        "agreement": B.rel_err(stats.agreement, want[1].agreement)}
+                ok = all(e <= 1e-5 for e in errs.values())
+                rep.data["correctness"].append({"backend": f"sharded-linear:{backend}", "dtype": "fp32",
+                                                "classes": classes, "levels": 1, "rows": rows, "tol": 1e-5,
+                                                "ok": ok, **errs})
+                worst = max(errs, key=errs.get)
+                rep.log(f"{'ok  ' if ok else 'FAIL'} {label}: worst {worst} rel err vs the unsharded call "
+                        f"{errs[worst]:.2e}")
+            except Exception as exc:  # noqa: BLE001
+                rep.error(label, exc)
+                if _device_poisoned(exc):
+                    raise
+            rep.save()
+        if not tiny:
+            shape = B.Shape(16384, 131072, 1)
+            s, t, y = B.make_inputs(shape, torch.bfloat16, device, seed=5, ignore_frac=0.1)
+            for backend in backends:
+                for pg in (None, group):
+                    where = f"vocab-parallel timing {backend} {'sharded' if pg is not None else 'fused'}"
+                    try:
+                        leaf = s.detach().requires_grad_(True)
+
+                        def step():
+                            leaf.grad = None
+                            fused_moe_kd_loss(leaf, t[0], y, backend=backend if pg is not None else "auto",
+                                              process_group=pg, **options).backward()
+
+                        timing = B.time_fn(step, device, warmup=2, min_reps=5, max_reps=20)
+                        rep.data.setdefault("vocab_parallel_timing", []).append(
+                            {"backend": backend, "sharded": pg is not None, "ms": timing.median_s * 1e3,
+                             "shape": str(shape), "dtype": "bf16"})
+                        rep.log(f"{where}: {timing.median_s * 1e3:.2f} ms (N=16384, C=131072, bf16)")
+                    except Exception as exc:  # noqa: BLE001
+                        rep.error(where, exc)
+                        if _device_poisoned(exc):
+                            raise
+                    rep.save()
 
 
 def timing_plan(args, B):
@@ -735,6 +861,10 @@ def main(argv=None):
         if not (args.skip_correctness or args.sweep_only):
             with guarded(rep, "correctness"):
                 section_correctness(rep, torch, B, device, backends, args.quick, args.tiny)
+
+        if not (args.skip_correctness or args.sweep_only):
+            with guarded(rep, "vocab-parallel"):
+                section_vocab_parallel(rep, torch, B, device, args.tiny)
 
         with guarded(rep, "copy bandwidth"):
             copy_gbps = B.copy_bandwidth(device, num_bytes=(16 << 20) if args.tiny else None)

@@ -269,6 +269,13 @@ def _bad_input_worker(rank: int, world: int, rendezvous: str) -> None:
     dist.destroy_process_group()
 
 
+def _assert_nobody_is_stuck(world: int) -> None:
+    """After an error on every rank, the group still works: no rank waits in a collective."""
+    flag = torch.ones(1)
+    dist.all_reduce(flag)
+    assert flag.item() == world
+
+
 def _check_bad_input(rank: int, world: int, which: str) -> None:
     from moekd_kernels import fused_moe_kd_loss
 
@@ -289,10 +296,7 @@ def _check_bad_input(rank: int, world: int, which: str) -> None:
                 "shape": "teacher_logits must have" if rank == 1 else "rank(s) [1] rejected",
                 "options": "every rank must pass the same options"}[which]
     assert expected in message, message
-    # The group still works afterwards: nobody is stuck in a collective.
-    flag = torch.ones(1)
-    dist.all_reduce(flag)
-    assert flag.item() == world
+    _assert_nobody_is_stuck(world)
 
 
 def _check_bad_fused_linear_input(rank: int, world: int, which: str) -> None:
@@ -315,9 +319,7 @@ def _check_bad_fused_linear_input(rank: int, world: int, which: str) -> None:
                 # One rank would sum student_hidden's gradient over the group, the other not.
                 "needs grad": "every rank must pass the same options"}[which]
     assert expected in message, message
-    flag = torch.ones(1)
-    dist.all_reduce(flag)
-    assert flag.item() == world
+    _assert_nobody_is_stuck(world)
 
 
 def test_bad_input_on_one_rank_makes_every_rank_raise():
@@ -398,9 +400,7 @@ def _compile_worker(rank: int, world: int, rendezvous: str) -> None:
         compiled(student, teacher, torch.tensor([0, 1, 5, -100]))
     message = str(info.value)
     assert ("teacher_logits must have" if rank == 1 else "rank(s) [1] rejected") in message, message
-    flag = torch.ones(1)
-    dist.all_reduce(flag)
-    assert flag.item() == world
+    _assert_nobody_is_stuck(world)
     dist.destroy_process_group()
 
 
