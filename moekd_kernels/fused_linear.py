@@ -17,6 +17,12 @@ where it is 1, as ``loss.backward()`` passes). ``reduction="none"`` is the excep
 per-row ``grad_output`` cannot be applied to a weight gradient already summed over rows,
 so there backward runs the chunks again with each row's gradient scaled by its factor.
 
+With ``process_group=`` the vocabulary is sharded (a tensor-parallel output layer): each
+rank's weights are its slice of the rows, step 2 is ``vocab_parallel.SliceRows`` (the
+phases, with three all-reduces of a few floats per row), and ``grad_hidden`` is summed
+over the group once the chunks are done. The ranks first agree on the inputs and on the
+chunk size, so that they run the same chunks and the same collectives.
+
 Ignored rows are gathered out before the GEMMs, so they cost no GEMM work. Finding them
 reads the target on the host: on a GPU that is one synchronisation per call.
 

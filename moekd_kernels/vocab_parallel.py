@@ -37,6 +37,8 @@ from typing import List, NamedTuple, NoReturn, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+# A registered op cannot take a ProcessGroup: it takes the group's name, and this turns
+# the name back into the group, as torch's own functional collectives do.
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import phases
