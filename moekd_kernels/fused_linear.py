@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from .backends import BACKENDS, check_backend_name, resolve_backend, resolve_sharded_backend
 from .loss import MoEKDStats
-from .ops import _compiling, scale_rows_
+from .ops import _compiling, loss_divisor, scale_rows_
 from .options import (
     FLOAT_DTYPES,
     MoEKDOptions,
@@ -305,15 +305,10 @@ def fused_linear_op(
     acc = accumulation_dtype(student_weight.dtype)
     per_row = reduction == "none"
     grads_here = not per_row
-    divisor: Optional[Tensor] = None
-    grad_scale: Optional[Tensor] = None
-    if num_items is not None:
-        divisor = num_items.to(device=student_hidden.device, dtype=acc)
-        grad_scale = 1.0 / divisor
-    elif reduction == "mean":
-        # Counted on the device; 0 valid rows → 0 / 1 = 0, never NaN.
-        divisor = (target != ignore_index).sum().clamp_min(1).to(acc)
-        grad_scale = 1.0 / divisor
+    divisor = loss_divisor(target, ignore_index, reduction, num_items)
+    if divisor is not None:
+        divisor = divisor.to(acc)
+    grad_scale = None if divisor is None else 1.0 / divisor
     rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target, student_weight.shape[0],
                                    _settings(opts, reduction, num_items, student_hidden, teacher_hidden,
                                              need_hidden))

@@ -393,12 +393,15 @@ def test_bad_tensors_name_the_argument(override, error, match):
     ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch"),
     ({"num_items_in_batch": 2.5}, TypeError, "num_items_in_batch"),
     ({"num_items_in_batch": torch.ones(2)}, TypeError, "num_items_in_batch"),
+    ({"num_items_in_batch": torch.tensor(0)}, ValueError, "num_items_in_batch must be > 0"),
+    ({"num_items_in_batch": torch.tensor(float("inf"))}, ValueError, "num_items_in_batch must be > 0"),
     ({"num_items_in_batch": 4, "reduction": "none"}, ValueError, "num_items_in_batch"),
     ({"num_items_in_batch": 4, "reduction": "sum"}, ValueError, "num_items_in_batch"),
     ({"temperature": (1.0, 2.0), "expert_strength": (1.0, 2.0, 3.0)}, ValueError, "expert_strength"),
     ({"temperature": -1.0}, ValueError, "temperature"),
     ({"reduction": "avg"}, ValueError, "reduction"),
     ({"backend": "gpu"}, ValueError, "backend"),
+    ({"process_group": "world"}, TypeError, "process_group must be a torch.distributed ProcessGroup"),
 ])
 def test_bad_options_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
