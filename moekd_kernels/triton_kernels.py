@@ -773,6 +773,179 @@ def moe_kd_topk_row_kernel(
                             L, LP, BLOCK, KB, QB, SINGLE_BLOCK, SEARCH, HAS_EXPERT, HAS_GATE)
 
 
+# ---- the phases over a class slice (phases.py; vocab-parallel training) ----
+#
+# Each row holds the classes [class_offset, class_offset + C) of a longer row: the sums over
+# classes are split where the caller combines the slices (phases.py, the row layouts):
+#
+#   0. maxima of s and t_ℓ/τ_ℓ                                          (combined by max)
+#   1. given the global maxima M: Σ exp(s − M_s), Σ exp((s − M_s)/τ_ℓ), Σ exp(t_ℓ/τ_ℓ − M_ℓ)
+#   2. given the global normalisers: pass 2's u-sums, log σ_y and u_ℓy     (combined by sum)
+#   3. given 1/G, A and R_ℓ as well: pass 3, the slice's gradient
+#
+# with the fused kernels' passes: σ = exp((s − b_s) − log_zs) with b_s = M_s and log_zs =
+# lse_s − M_s, log q_ℓ = (s − M_s)/τ_ℓ − log_z_q, π_ℓ = exp(t_ℓ/τ_ℓ − lse_t) (base 0). The
+# top-k teacher is read as in its fused kernel, its listed entries outside the slice ignored.
+
+
+@triton.jit
+def _load_levels(row_in_ptr, first, num_rows, row, levels64, level_ok):
+    """Rows first, …, first + L − 1 of a (rows, N) float32 table at column ``row``, as (LP,)
+    with 0 at the padded levels."""
+    return tl.load(row_in_ptr + (first + levels64) * num_rows + row, mask=level_ok, other=0.0)
+
+
+@triton.jit
+def _store_levels(row_out_ptr, first, num_rows, row, values, levels64, level_ok):
+    tl.store(row_out_ptr + (first + levels64) * num_rows + row, values, mask=level_ok)
+
+
+@triton.jit
+def moe_kd_phase_kernel(
+    student_ptr, student_row_stride,                                      # (N, C) this slice's classes
+    teacher_ptr, teacher_level_stride, teacher_row_stride,                # not TOP_K: (L, N, C) logits
+    index_ptr, index_level_stride, index_row_stride, index_k_stride,      # TOP_K: (L, N, K) global classes
+    value_ptr, value_level_stride, value_row_stride, value_k_stride,      # (L, N, K) logits, −inf: padding
+    rest_ptr, rest_level_stride, rest_row_stride,                         # (L, N) the unlisted classes' logit
+    target_ptr,                                                           # (N,) global classes
+    row_in_ptr, row_out_ptr,                   # (rows, N) float32 tables: the phase's inputs and outputs
+    grad_ptr, grad_row_stride, grad_scale_ptr,                            # phase 3: (N, C) in the student's dtype
+    num_rows, num_classes, class_offset, num_entries, ignore_index,       # N, C, the slice's first class, K
+    tau, inv_tau, beta, exp_beta, expm1_beta, level_weight,
+    gate_weight, expert_weight,
+    PHASE: tl.constexpr, TOP_K: tl.constexpr,
+    L: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, SEARCH: tl.constexpr,
+    QB: tl.constexpr, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+):
+    levels = tl.arange(0, LP)
+    level_ok = levels < L
+    levels64 = levels.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    tau_v, inv_tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, grad_scale = _row_constants(
+        tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_scale_ptr, L, LP, HAS_GRAD_SCALE)
+
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * student_row_stride
+    if TOP_K:
+        index_row = index_ptr + row * index_row_stride
+        value_row = value_ptr + row * value_row_stride
+        index_rows = index_row + levels64[:, None] * index_level_stride   # (LP, 1)
+        value_rows = value_row + levels64[:, None] * value_level_stride
+        rest_at = rest_ptr + row * rest_row_stride + levels64 * rest_level_stride
+    else:
+        t_row = teacher_ptr + row * teacher_row_stride + levels64[:, None] * teacher_level_stride
+
+    if PHASE == 0:
+        m_s = float("-inf")
+        m_t = tl.full([LP], float("-inf"), tl.float32)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + cols0
+            if TOP_K:
+                s = _load_s(s_row, cols, num_classes)
+            else:
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
+                m_t = tl.maximum(m_t, tl.max(t, axis=1))
+            m_s = tl.maximum(m_s, tl.max(s, axis=0))
+        if TOP_K:
+            m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
+                                                     rest_at, num_entries, class_offset, num_classes, -1,
+                                                     level_ok, inv_tau_v, LP, KB)
+        tl.store(row_out_ptr + row, m_s)
+        # max(t)/τ is max(t/τ): rounding is monotonic.
+        _store_levels(row_out_ptr, 1, num_rows, row, m_t * inv_tau_v, levels64, level_ok)
+    elif PHASE == 1:
+        base_s = _finite_base(tl.load(row_in_ptr + row))
+        base_t = _finite_base(_load_levels(row_in_ptr, 1, num_rows, row, levels64, level_ok))  # in units of t/τ
+        z_s = 0.0
+        z_q = tl.zeros([LP], tl.float32)
+        z_t = tl.zeros([LP], tl.float32)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + cols0
+            if TOP_K:
+                s = _load_s(s_row, cols, num_classes)
+            else:
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
+                z_t += _teacher_exp_sums(t, tl.zeros_like(base_t), base_t, inv_tau_v)
+            bz_s, bz_q = _student_exp_sums(s, base_s, inv_tau_v, True)
+            z_s += bz_s
+            z_q += bz_q
+        if TOP_K:
+            # The slice's own state, moved from its maximum to the global one.
+            m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
+                                                     rest_at, num_entries, class_offset, num_classes, -1,
+                                                     level_ok, inv_tau_v, LP, KB)
+            z_t = z_t * tl.exp(m_t * inv_tau_v - base_t)
+        tl.store(row_out_ptr + row, z_s)
+        _store_levels(row_out_ptr, 1, num_rows, row, z_q, levels64, level_ok)
+        _store_levels(row_out_ptr, 1 + L, num_rows, row, z_t, levels64, level_ok)
+    else:
+        grad_row = grad_ptr + row * grad_row_stride
+        y = tl.load(target_ptr + row).to(tl.int64)
+        if y == ignore_index:  # finalize gives such rows 0 whatever their sums
+            if PHASE == 2:
+                tl.store(row_out_ptr + row, 0.0)
+                tl.store(row_out_ptr + num_rows + row, 0.0)
+                tl.store(row_out_ptr + 2 * num_rows + row, 0.0)
+                for first in tl.static_range(3, 3 + 3 * L, L):
+                    _store_levels(row_out_ptr, first, num_rows, row, tl.zeros([LP], tl.float32), levels64, level_ok)
+            else:
+                _zero_gradient(grad_row, num_classes, BLOCK)
+        else:
+            # y in this slice, or −1: no class of the slice is the target.
+            owns_y = (y - class_offset >= 0) & (y - class_offset < num_classes)
+            y_here = tl.where(owns_y, y - class_offset, -1)
+            y_safe = tl.where(owns_y, y_here, 0)  # a class of the slice to read where it does not matter
+            max_s = tl.load(row_in_ptr + row)
+            base_s = _finite_base(max_s)
+            log_zs = tl.load(row_in_ptr + num_rows + row) - base_s
+            log_zq = _load_levels(row_in_ptr, 2, num_rows, row, levels64, level_ok)
+            log_zt = _load_levels(row_in_ptr, 2 + L, num_rows, row, levels64, level_ok)
+            base_t = tl.zeros([LP], tl.float32)
+            if TOP_K:
+                m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
+                                                         rest_at, num_entries, class_offset, num_classes, y_here,
+                                                         level_ok, inv_tau_v, LP, KB)
+                pi_rest = tl.exp((rest - base_t) * inv_tau_v - log_zt)
+            if PHASE == 2:
+                # Every sum, whatever the weights: the rows are the contract's.
+                if TOP_K:
+                    G, u_over_D, u_log_D, u_level, u_log_q = _top_k_u_sums(
+                        s_row, cols0.to(tl.float32), num_classes, y_here, value_rows, index_rows, value_k_stride,
+                        index_k_stride, num_entries, class_offset, level_ok, pi_rest, log_zs, base_s, log_zq,
+                        base_t, log_zt, inv_tau_v, exp_beta_v, expm1_beta_v, w_v, LP, BLOCK, KB, False, True, True)
+                else:
+                    G, u_over_D, u_log_D, u_level, u_log_q = _u_sums_of_blocks(
+                        s_row, t_row, num_classes, level_ok, y_here, log_zs, base_s, log_zq, base_t, log_zt,
+                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, LP, BLOCK, True, True)
+                    t_y = tl.load(t_row + y_safe, mask=level_ok[:, None], other=float("-inf")).to(tl.float32)
+                    t_y = tl.sum(t_y, axis=1)                                    # (LP,): t_ℓy
+                s_y = tl.load(s_row + y_safe).to(tl.float32)
+                log_sigma_y = tl.where(owns_y, (s_y - base_s) - log_zs, 0.0)
+                pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
+                u_y = tl.where(owns_y, _target_u(pi_y, log_sigma_y, exp_beta_v, expm1_beta_v, w_v), 0.0)
+                tl.store(row_out_ptr + row, u_over_D)
+                tl.store(row_out_ptr + num_rows + row, u_log_D)
+                tl.store(row_out_ptr + 2 * num_rows + row, log_sigma_y)
+                _store_levels(row_out_ptr, 3, num_rows, row, u_level, levels64, level_ok)
+                _store_levels(row_out_ptr, 3 + L, num_rows, row, u_log_q, levels64, level_ok)
+                _store_levels(row_out_ptr, 3 + 2 * L, num_rows, row, u_y, levels64, level_ok)
+            else:
+                inv_G = tl.load(row_in_ptr + (2 + 2 * L) * num_rows + row)
+                A = tl.load(row_in_ptr + (3 + 2 * L) * num_rows + row)
+                R = _load_levels(row_in_ptr, 4 + 2 * L, num_rows, row, levels64, level_ok)
+                if TOP_K:
+                    _top_k_gradient(grad_row, grad_scale, s_row, cols0.to(tl.float32), num_classes, y_here,
+                                    value_row, value_level_stride, value_k_stride, index_row, index_level_stride,
+                                    index_k_stride, num_entries, class_offset, level_ok, rest, pi_rest, log_zs,
+                                    base_s, log_zq, base_t, log_zt, tau_v, inv_tau_v, exp_beta_v, expm1_beta_v,
+                                    w_v, inv_G, A, R, gate_weight, expert_weight, L, LP, BLOCK, KB, QB, False,
+                                    SEARCH, HAS_EXPERT, HAS_GATE)
+                else:
+                    _gradient_of_blocks(grad_row, grad_scale, s_row, t_row, num_classes, level_ok, y_here, log_zs,
+                                        base_s, log_zq, base_t, log_zt, tau_v, inv_tau_v, exp_beta_v, expm1_beta_v,
+                                        w_v, inv_G, A, R, gate_weight, expert_weight, BLOCK, HAS_EXPERT, HAS_GATE)
+
+
 @triton.jit
 def scale_rows_kernel(grad_ptr, grad_row_stride, scale_ptr, scale_stride, num_classes, span,
                       BLOCK: tl.constexpr):
