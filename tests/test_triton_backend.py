@@ -763,7 +763,7 @@ from moekd_kernels import triton_kernels as tk
 
 PER_LEVEL = ("tau", "inv_tau", "beta", "exp_beta", "expm1_beta", "level_weight")
 POINTERS = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "value_ptr": "*bf16", "index_ptr": "*i64",
-            "target_ptr": "*i64", "grad_ptr": "*bf16"}
+            "target_ptr": "*i64", "grad_ptr": "*bf16", "rest_ptr": "*bf16"}
 
 def compile_sm90(fn, **constants):
     signature = {}
@@ -782,7 +782,8 @@ def compile_sm90(fn, **constants):
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert ".target sm_90" in kernel.asm["ptx"]
-    print(fn.__name__, constants["L"], constants.get("SEARCH"), constants["SINGLE_BLOCK"], "ok")
+    print(fn.__name__, constants["L"], constants.get("SEARCH"), constants.get("SINGLE_BLOCK"),
+          constants.get("PHASE"), "ok")
 
 flags = dict(HAS_EXPERT=True, HAS_GATE=True, HAS_GRAD_SCALE=True, NEED_GRAD=True)
 compile_sm90(tk.moe_kd_row_kernel, L=2, LP=2, BLOCK=1024, SINGLE_BLOCK=False, **flags)
@@ -790,6 +791,11 @@ for (levels, search), single in itertools.product([(1, False), (2, False), (3, T
     padded = 1 << (levels - 1).bit_length()
     compile_sm90(tk.moe_kd_topk_row_kernel, L=levels, LP=padded, BLOCK=1024, SINGLE_BLOCK=single, KB=32,
                  SEARCH=search, QB=32 * (padded if search else 1), **flags)
+phase_flags = dict(HAS_EXPERT=True, HAS_GATE=True, HAS_GRAD_SCALE=True)
+for phase, (top_k, levels, search) in itertools.product(range(4), [(False, 2, False), (True, 3, True)]):
+    padded = 1 << (levels - 1).bit_length()
+    compile_sm90(tk.moe_kd_phase_kernel, PHASE=phase, TOP_K=top_k, L=levels, LP=padded, BLOCK=1024, KB=32,
+                 SEARCH=search, QB=32 * (padded if search else 1), **phase_flags)
 """
 
 
@@ -803,7 +809,7 @@ def test_kernels_compile_for_a_gpu():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count(" ok") == 7, done.stdout
+    assert done.stdout.count(" ok") == 15, done.stdout
 
 
 # ---- the phases over class slices (phases.py's contract; the vocab-parallel path) ----
