@@ -854,8 +854,9 @@ def moe_kd_phase_kernel(
         # max(t)/τ is max(t/τ): rounding is monotonic.
         _store_levels(row_out_ptr, 1, num_rows, row, m_t * inv_tau_v, levels64, level_ok)
     elif PHASE == 1:
+        # The global maxima; −inf (every class masked) gives sums of 0 rather than NaN.
         base_s = _finite_base(tl.load(row_in_ptr + row))
-        base_t = _finite_base(_load_levels(row_in_ptr, 1, num_rows, row, levels64, level_ok))  # in units of t/τ
+        max_t = _finite_base(_load_levels(row_in_ptr, 1, num_rows, row, levels64, level_ok))  # of t_ℓ/τ_ℓ
         z_s = 0.0
         z_q = tl.zeros([LP], tl.float32)
         z_t = tl.zeros([LP], tl.float32)
@@ -865,7 +866,7 @@ def moe_kd_phase_kernel(
                 s = _load_s(s_row, cols, num_classes)
             else:
                 s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
-                z_t += _teacher_exp_sums(t, tl.zeros_like(base_t), base_t, inv_tau_v)
+                z_t += _teacher_exp_sums(t, tl.zeros_like(max_t), max_t, inv_tau_v)
             bz_s, bz_q = _student_exp_sums(s, base_s, inv_tau_v, True)
             z_s += bz_s
             z_q += bz_q
@@ -874,7 +875,7 @@ def moe_kd_phase_kernel(
             m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
                                                      rest_at, num_entries, class_offset, num_classes, -1,
                                                      level_ok, inv_tau_v, LP, KB)
-            z_t = z_t * tl.exp(m_t * inv_tau_v - base_t)
+            z_t = z_t * tl.exp(m_t * inv_tau_v - max_t)
         tl.store(row_out_ptr + row, z_s)
         _store_levels(row_out_ptr, 1, num_rows, row, z_q, levels64, level_ok)
         _store_levels(row_out_ptr, 1 + L, num_rows, row, z_t, levels64, level_ok)
