@@ -7,6 +7,9 @@ it is imported; that is how the tests exercise the kernel without a GPU.
 The launch path never synchronises with the device: per-level constants go in
 as kernel arguments (tuples of floats, no host-to-device copy). The grid is one
 program per row; ``launch_config`` picks the block of classes and the warps.
+
+``phases`` runs the loss over a slice of the classes for the vocab-parallel path
+(phases.py's contract), by one more kernel built from the fused kernels' passes.
 """
 
 from __future__ import annotations
@@ -333,7 +336,8 @@ class _TritonPhases:
         if phase == 3:
             out = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device)
         else:
-            out = torch.empty((_PHASE_OUT_ROWS[phase](num_levels), num_rows), dtype=torch.float32, device=device)
+            table_rows = (1 + num_levels, 1 + 2 * num_levels, 3 + 3 * num_levels)[phase]  # phases.py's layouts
+            out = torch.empty((table_rows, num_rows), dtype=torch.float32, device=device)
         if num_rows == 0:
             return out
         target = student if target is None else target.contiguous()  # phases 0 and 1 do not read it
@@ -390,10 +394,6 @@ class _TritonPhases:
                        grad_scale=None):
         row_in = torch.cat([_norm_rows(norm), rows.inv_G[None], rows.A[None], rows.R])
         return self._run(3, student, teacher._replace(class_offset=class_offset), target, row_in, grad_scale)
-
-
-# Rows of the (rows, N) table each phase writes, for L levels (phases.py).
-_PHASE_OUT_ROWS = {0: lambda L: 1 + L, 1: lambda L: 1 + 2 * L, 2: lambda L: 3 + 3 * L}
 
 
 def _norm_rows(norm) -> Tensor:

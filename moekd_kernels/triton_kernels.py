@@ -1,4 +1,5 @@
-"""The fused MoE-KD Triton kernel: one program per row, loss + stats + gradient.
+"""The fused MoE-KD Triton kernels: one program per row, loss + stats + gradient, for a
+dense or a top-k teacher; and the phase kernel, the same passes over a slice of the classes.
 
 Symbols as in docs/math.md, definitions (one row; C classes; L levels):
 
