@@ -80,7 +80,8 @@ BACKENDS: Dict[str, Backend] = {
                 "fused C++/OpenMP kernel, JIT-built with ninja", max_levels=_KERNEL_MAX_LEVELS,
                 top_k_teacher=True, phases=".cpu_backend:phases"),
         Backend("triton", ".triton_backend", ("cuda", "cpu"),
-                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1", top_k_teacher=True),
+                "fused Triton kernel; CPU tensors only under TRITON_INTERPRET=1", top_k_teacher=True,
+                phases=".triton_backend:phases"),
         Backend("cuda", ".cuda_backend", ("cuda",),
                 "fused CUDA C++ kernel, JIT-built with nvcc", max_levels=_KERNEL_MAX_LEVELS),
     )

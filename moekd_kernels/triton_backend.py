@@ -7,6 +7,9 @@ it is imported; that is how the tests exercise the kernel without a GPU.
 The launch path never synchronises with the device: per-level constants go in
 as kernel arguments (tuples of floats, no host-to-device copy). The grid is one
 program per row; ``launch_config`` picks the block of classes and the warps.
+
+``phases`` runs the loss over a slice of the classes for the vocab-parallel path
+(phases.py's contract), by one more kernel built from the fused kernels' passes.
 """
 
 from __future__ import annotations
@@ -129,14 +132,7 @@ def forward(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
                         max_levels=None)
     num_rows, num_classes = student.shape
     num_levels = teacher.shape[0]
-    # Any row and level strides go to the kernel; a strided class axis is rare
-    # enough (a transposed view) to copy rather than to specialise the loads for.
-    if student.stride(1) != 1:
-        student = student.contiguous()
-    if teacher.stride(2) != 1:
-        # One head at L temperatures (level stride 0): copy the head, not L of it.
-        shared = teacher.stride(0) == 0
-        teacher = teacher[:1].contiguous().expand(num_levels, -1, -1) if shared else teacher.contiguous()
+    student, teacher = _unit_class_stride(student), _dense_teacher(teacher)
     target = target.contiguous()
 
     loss, log_likelihood, agreement, grad = outputs = _outputs(student, need_grad)
@@ -162,6 +158,22 @@ def forward(student: Tensor, teacher, target: Tensor, opts: MoEKDOptions,
         num_warps=num_warps,
     )
     return outputs
+
+
+def _unit_class_stride(student: Tensor) -> Tensor:
+    """Any row stride goes to the kernels; a strided class axis is rare enough (a transposed
+    view) to copy rather than to specialise the loads for."""
+    return student if student.stride(1) == 1 else student.contiguous()
+
+
+def _dense_teacher(teacher: Tensor) -> Tensor:
+    """Teacher logits (L, N, C) as the kernels read them: any level and row strides, classes
+    contiguous. One head at L temperatures (level stride 0) copies the head, not L of it."""
+    if teacher.stride(2) == 1:
+        return teacher
+    if teacher.stride(0) == 0:
+        return teacher[:1].contiguous().expand(teacher.shape[0], -1, -1)
+    return teacher.contiguous()
 
 
 def _outputs(student: Tensor, need_grad: bool):
@@ -213,36 +225,19 @@ def _forward_top_k(student: Tensor, teacher: TopKRows, target: Tensor, opts: MoE
     """The top-k kernel (triton_kernels.moe_kd_topk_row_kernel): the student dense, the
     teacher as K entries and one logit for the unlisted classes per row and level, all
     read through their strides (a head shared by L levels is never copied)."""
-    indices, values, rest = teacher
-    check_kernel_inputs("triton", student, values, TEACHER_DTYPES, device_types=("cuda", "cpu"),
-                        max_levels=None)
-    num_rows, num_classes = student.shape
-    num_levels, _, num_entries = values.shape
-    if indices.shape != values.shape or tuple(rest.shape) != (num_levels, num_rows):
-        raise ValueError(f"backend 'triton' takes top-k indices shaped like the values {tuple(values.shape)} "
-                         f"and rest logits ({num_levels}, {num_rows}), got {tuple(indices.shape)} and "
-                         f"{tuple(rest.shape)}")
-    if indices.dtype not in (torch.int64, torch.int32) or not rest.dtype.is_floating_point:
-        raise TypeError(f"backend 'triton' takes int64 or int32 top-k indices and floating rest logits, "
-                        f"got {indices.dtype} and {rest.dtype}")
-    if indices.device != student.device or rest.device != student.device:
-        raise ValueError(f"backend 'triton' takes the top-k teacher on the student's device "
-                         f"{student.device}, got {indices.device} and {rest.device}")
-    if student.stride(1) != 1:
-        student = student.contiguous()
+    _check_top_k(student, teacher)
+    student = _unit_class_stride(student)
     target = target.contiguous()
 
     loss, log_likelihood, agreement, grad = outputs = _outputs(student, need_grad)
+    num_rows, num_classes = student.shape
     if num_rows == 0:
         return outputs
 
+    indices, values, rest = teacher
+    num_levels, _, num_entries = values.shape
     device_type = student.device.type
     block, num_warps = launch_config(num_classes, num_levels, device_type)
-    levels_padded = _next_pow2(num_levels)
-    # The same classes at every level: each level's entry k names one class.
-    search = num_levels > 1 and indices.stride(0) != 0
-    tiles = TOPK_TILES.get(device_type, TOPK_TILES["cuda"])
-    entry_block = min(_next_pow2(num_entries), tiles.search if search else tiles.shared)
     triton_kernels.moe_kd_topk_row_kernel[(num_rows,)](
         student, student.stride(0),
         indices, indices.stride(0), indices.stride(1), indices.stride(2),
@@ -255,16 +250,158 @@ def _forward_top_k(student: Tensor, teacher: TopKRows, target: Tensor, opts: MoE
         num_classes, num_entries, opts.ignore_index,
         *_constants(opts),
         L=num_levels,
-        LP=levels_padded,
+        LP=_next_pow2(num_levels),
         BLOCK=block,
         SINGLE_BLOCK=num_classes <= block,
-        KB=entry_block,
-        SEARCH=search,
-        QB=entry_block * (levels_padded if search else 1),
+        **_top_k_tiles(teacher, device_type),
         **_switches(opts, grad_scale, need_grad),
         num_warps=num_warps,
     )
     return outputs
+
+
+def _top_k_tiles(teacher: TopKRows, device_type: str) -> dict:
+    """The top-k kernels' steps over K. Levels that list the same classes (each level's
+    entry k names one class) need no search."""
+    num_levels, _, num_entries = teacher.values.shape
+    search = num_levels > 1 and teacher.indices.stride(0) != 0
+    tiles = TOPK_TILES.get(device_type, TOPK_TILES["cuda"])
+    entry_block = min(_next_pow2(num_entries), tiles.search if search else tiles.shared)
+    return dict(KB=entry_block, SEARCH=search, QB=entry_block * (_next_pow2(num_levels) if search else 1))
+
+
+def _check_top_k(student: Tensor, teacher: TopKRows) -> None:
+    """What the top-k kernels take: the student's rows and device, and the usual dtypes."""
+    indices, values, rest = teacher
+    check_kernel_inputs("triton", student, values, TEACHER_DTYPES, device_types=("cuda", "cpu"),
+                        max_levels=None)
+    num_rows = student.shape[0]
+    num_levels = values.shape[0]
+    if indices.shape != values.shape or tuple(rest.shape) != (num_levels, num_rows):
+        raise ValueError(f"backend 'triton' takes top-k indices shaped like the values {tuple(values.shape)} "
+                         f"and rest logits ({num_levels}, {num_rows}), got {tuple(indices.shape)} and "
+                         f"{tuple(rest.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32) or not rest.dtype.is_floating_point:
+        raise TypeError(f"backend 'triton' takes int64 or int32 top-k indices and floating rest logits, "
+                        f"got {indices.dtype} and {rest.dtype}")
+    if indices.device != student.device or rest.device != student.device:
+        raise ValueError(f"backend 'triton' takes the top-k teacher on the student's device "
+                         f"{student.device}, got {indices.device} and {rest.device}")
+
+
+# ---- the phases over a class slice (phases.py's contract, for the vocab-parallel path) ----
+
+class _SliceTeacher(NamedTuple):
+    """The teacher of a class slice as the phase kernel reads it: dense logits (L, N, C_r)
+    with contiguous classes, or a top-k teacher (global indices) and the slice's first class."""
+
+    dense: Optional[Tensor]
+    rows: Optional[TopKRows]
+    class_offset: int
+    opts: MoEKDOptions
+
+
+class _TritonPhases:
+    """The phase functions of ``phases.py`` (same signatures, same results up to float32
+    rounding), run by ``triton_kernels.moe_kd_phase_kernel``: one program per row, the
+    fused kernels' passes over the slice's classes, the top-k teacher read as its K
+    entries per row (never N×C_r). No launch reads a value back to the host."""
+
+    @staticmethod
+    def check_inputs(student: Tensor, teacher: Tensor) -> None:
+        """The dtypes and devices the kernel takes; ``teacher`` the dense logits or the top-k values."""
+        check_kernel_inputs("triton", student, teacher if teacher.dim() == 3 else teacher[None],
+                            TEACHER_DTYPES, device_types=("cuda", "cpu"), max_levels=None)
+
+    @staticmethod
+    def dense_teacher(logits: Tensor, opts: MoEKDOptions, acc: torch.dtype) -> _SliceTeacher:
+        return _SliceTeacher(_dense_teacher(logits), None, 0, opts)
+
+    @staticmethod
+    def top_k_teacher(rows: TopKRows, class_offset: int, width: int, opts: MoEKDOptions,
+                      acc: torch.dtype) -> _SliceTeacher:
+        return _SliceTeacher(None, rows, class_offset, opts)
+
+    @staticmethod
+    def _run(phase: int, student: Tensor, teacher: _SliceTeacher, target: Optional[Tensor],
+             row_in: Optional[Tensor], grad_scale=None) -> Tensor:
+        """One launch of phase 0–3: its (rows, N) float32 table, or the (N, C_r) gradient."""
+        opts = teacher.opts
+        if teacher.rows is not None:
+            _check_top_k(student, teacher.rows)
+        student = _unit_class_stride(student)
+        num_rows, num_classes = student.shape
+        num_levels = opts.num_levels
+        device = student.device
+        if phase == 3:
+            out = torch.empty((num_rows, num_classes), dtype=student.dtype, device=device)
+        else:
+            table_rows = (1 + num_levels, 1 + 2 * num_levels, 3 + 3 * num_levels)[phase]  # phases.py's layouts
+            out = torch.empty((table_rows, num_rows), dtype=torch.float32, device=device)
+        if num_rows == 0:
+            return out
+        target = student if target is None else target.contiguous()  # phases 0 and 1 do not read it
+        row_in = out if row_in is None else row_in.to(device=device, dtype=torch.float32).contiguous()
+        if grad_scale is not None:
+            grad_scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=device)
+        block, num_warps = launch_config(num_classes, num_levels, device.type)
+        # The student stands in for the other teacher kind's pointers, which are never read.
+        if teacher.rows is not None:
+            indices, values, rest = teacher.rows
+            dense_args = (student, 0, 0)
+            top_k_args = (indices, *indices.stride(), values, *values.stride(), rest, *rest.stride())
+            top_k = _top_k_tiles(teacher.rows, device.type)
+            num_entries = values.shape[2]
+        else:
+            dense_args = (teacher.dense, teacher.dense.stride(0), teacher.dense.stride(1))
+            top_k_args = (student, 0, 0, 0, student, 0, 0, 0, student, 0, 0)
+            top_k = dict(KB=1, SEARCH=False, QB=1)
+            num_entries = 0
+        triton_kernels.moe_kd_phase_kernel[(num_rows,)](
+            student, student.stride(0),
+            *dense_args,
+            *top_k_args,
+            target,
+            row_in, out,
+            out if phase == 3 else student, num_classes,
+            student if grad_scale is None else grad_scale,
+            num_rows, num_classes, teacher.class_offset, num_entries, opts.ignore_index,
+            *_constants(opts),
+            PHASE=phase,
+            TOP_K=teacher.rows is not None,
+            L=num_levels,
+            LP=_next_pow2(num_levels),
+            BLOCK=block,
+            **top_k,
+            # Phases 1 and 2 give every row of their tables; the gradient only needs the terms used.
+            HAS_EXPERT=phase < 3 or opts.expert_weight != 0.0,
+            HAS_GATE=phase < 3 or opts.gate_weight != 0.0,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            num_warps=num_warps,
+        )
+        return out
+
+    def row_maxima(self, student, teacher: _SliceTeacher, acc):
+        return self._run(0, student, teacher, None, None)
+
+    def row_sums_of_exp(self, student, teacher: _SliceTeacher, opts, maxima):
+        return self._run(1, student, teacher, None, maxima)
+
+    def estep_sums(self, student, teacher: _SliceTeacher, target, opts, norm, class_offset):
+        return self._run(2, student, teacher._replace(class_offset=class_offset), target, _norm_rows(norm))
+
+    def slice_gradient(self, student, teacher: _SliceTeacher, target, opts, norm, rows, class_offset,
+                       grad_scale=None):
+        row_in = torch.cat([_norm_rows(norm), rows.inv_G[None], rows.A[None], rows.R])
+        return self._run(3, student, teacher._replace(class_offset=class_offset), target, row_in, grad_scale)
+
+
+def _norm_rows(norm) -> Tensor:
+    """phases.Normalisers as the kernel's (2 + 2L, N) rows: max_s, lse_s, log_z_q, lse_t."""
+    return torch.cat([norm.max_s[None], norm.lse_s[None], norm.log_z_q, norm.lse_t])
+
+
+phases = _TritonPhases()
 
 
 # The scaling pass: BLOCK classes per step (16 bf16 values per thread at 4 warps, two

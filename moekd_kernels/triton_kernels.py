@@ -1,4 +1,5 @@
-"""The fused MoE-KD Triton kernel: one program per row, loss + stats + gradient.
+"""The fused MoE-KD Triton kernels: one program per row, loss + stats + gradient, for a
+dense or a top-k teacher; and the phase kernel, the same passes over a slice of the classes.
 
 Symbols as in docs/math.md, definitions (one row; C classes; L levels):
 
@@ -84,16 +85,34 @@ def _row_constants(tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_
 @triton.jit
 def _ignored_row(loss_at, log_likelihood_at, agreement_at, grad_row, num_classes, BLOCK: tl.constexpr,
                  NEED_GRAD: tl.constexpr):
-    """Loss, stats and gradient of an ignored row are 0 (the gradient buffer is uninitialised)."""
+    """Loss, stats and gradient of an ignored row are 0."""
     tl.store(loss_at, 0.0)
     tl.store(log_likelihood_at, 0.0)
     tl.store(agreement_at, 0.0)
     if NEED_GRAD:
-        cols0 = tl.arange(0, BLOCK)
-        zeros = tl.zeros([BLOCK], tl.float32).to(grad_row.dtype.element_ty)
-        for start in range(0, num_classes, BLOCK):
-            cols = start + cols0
-            tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+        _zero_gradient(grad_row, num_classes, BLOCK)
+
+
+@triton.jit
+def _zero_gradient(grad_row, num_classes, BLOCK: tl.constexpr):
+    """0 in the C classes of a gradient row (the buffer is uninitialised)."""
+    cols0 = tl.arange(0, BLOCK)
+    zeros = tl.zeros([BLOCK], tl.float32).to(grad_row.dtype.element_ty)
+    for start in range(0, num_classes, BLOCK):
+        cols = start + cols0
+        tl.store(grad_row + cols, zeros, mask=cols < num_classes)
+
+
+@triton.jit
+def _student_exp_sums(s, base, inv_tau, HAS_GATE: tl.constexpr):
+    """Σ exp(s − b) and, per level, Σ exp((s − b)/τ_ℓ) over one block, for the base b."""
+    s_shift = s - base
+    z_s = tl.sum(tl.exp(s_shift), axis=0)
+    if HAS_GATE:
+        z_q = tl.sum(tl.exp(s_shift[None, :] * inv_tau[:, None]), axis=1)
+    else:
+        z_q = tl.zeros_like(inv_tau)
+    return z_s, z_q
 
 
 @triton.jit
@@ -101,13 +120,14 @@ def _student_lse(s, inv_tau, HAS_GATE: tl.constexpr):
     """Pass 1's student side on one block: the states of s (σ) and s/τ_ℓ (q_ℓ); the q_ℓ
     sums share s's maximum, since max(s/τ) = max(s)/τ for τ > 0."""
     m_s = tl.max(s, axis=0)
-    s_shift = s - _finite_base(m_s)
-    z_s = tl.sum(tl.exp(s_shift), axis=0)
-    if HAS_GATE:
-        z_q = tl.sum(tl.exp(s_shift[None, :] * inv_tau[:, None]), axis=1)
-    else:
-        z_q = tl.zeros_like(inv_tau)
+    z_s, z_q = _student_exp_sums(s, _finite_base(m_s), inv_tau, HAS_GATE)
     return m_s, z_s, z_q
+
+
+@triton.jit
+def _teacher_exp_sums(t, base, shift, inv_tau):
+    """Per level, Σ exp((t_ℓ − b_ℓ)/τ_ℓ − shift_ℓ) over one block of t (LP, BLOCK)."""
+    return tl.sum(tl.exp((t - base[:, None]) * inv_tau[:, None] - shift[:, None]), axis=1)
 
 
 @triton.jit
@@ -119,7 +139,7 @@ def _block_lse(s, t, inv_tau, HAS_GATE: tl.constexpr):
     """
     m_s, z_s, z_q = _student_lse(s, inv_tau, HAS_GATE)
     m_t = tl.max(t, axis=1)
-    z_t = tl.sum(tl.exp((t - _finite_base(m_t)[:, None]) * inv_tau[:, None]), axis=1)
+    z_t = _teacher_exp_sums(t, _finite_base(m_t), tl.zeros_like(m_t), inv_tau)
     return m_s, z_s, z_q, m_t, z_t
 
 
@@ -140,6 +160,14 @@ def _merge_student(m_s, z_s, z_q, bm_s, bz_s, bz_q, inv_tau, HAS_GATE: tl.conste
     if HAS_GATE:
         z_q = z_q * _rescale(m_s, m_new, inv_tau) + bz_q * _rescale(bm_s, m_new, inv_tau)
     return m_new, z_s, z_q
+
+
+@triton.jit
+def _merge_teacher(m_t, z_t, bm_t, bz_t, inv_tau):
+    """A block's teacher states (per level, in units of t) merged into the row's."""
+    mt_new = tl.maximum(m_t, bm_t)
+    z_t = z_t * _rescale(m_t, mt_new, inv_tau) + bz_t * _rescale(bm_t, mt_new, inv_tau)
+    return mt_new, z_t
 
 
 @triton.jit
@@ -218,12 +246,18 @@ def _block_grad(sigma, inv_D, u, log_q, is_target, tau, inv_G, A, R, gate_weight
 
 
 @triton.jit
+def _target_u(pi_y, log_sigma_y, exp_beta, expm1_beta, level_weight):
+    """u_ℓy from π_ℓy and log σ_y, outside the sums over classes."""
+    return level_weight * pi_y * exp_beta / (1.0 + expm1_beta * tl.exp(log_sigma_y))
+
+
+@triton.jit
 def _row_outputs(loss_at, log_likelihood_at, agreement_at, in_range, log_sigma_y, pi_y,
                  G, u_over_D, u_log_D, u_level, u_log_q, tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v,
                  gate_weight, expert_weight, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
     """Stores the row's loss, m and a from pass 2's sums, log σ_y and π_ℓy; returns what
     pass 3 needs: 1/G, A = Σ r/D and R_ℓ = Σ_c r_ℓc. A target out of [0, C) gives NaN."""
-    u_y = w_v * pi_y * exp_beta_v / (1.0 + expm1_beta_v * tl.exp(log_sigma_y))  # u_ℓy
+    u_y = _target_u(pi_y, log_sigma_y, exp_beta_v, expm1_beta_v, w_v)
     inv_G = tl.where(in_range, 1.0 / G, float("nan"))
     r_y = u_y * inv_G                                                        # r_ℓy
     # Σ_ℓc r log p_ℓc(y) = log σ_y + Σ_ℓ β_ℓ r_ℓy − Σ_ℓc r log D  (Σ r = 1).
@@ -253,6 +287,49 @@ def _row_outputs(loss_at, log_likelihood_at, agreement_at, in_range, log_sigma_y
     A = u_over_D * inv_G                                                     # Σ r/D
     R = u_level * inv_G                                                      # R_ℓ = Σ_c r_ℓc
     return inv_G, A, R
+
+
+@triton.jit
+def _u_sums_of_blocks(s_row, t_row, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+                      inv_tau, exp_beta, expm1_beta, level_weight, LP: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Pass 2 over a row of C classes in blocks: _u_sums of the whole row."""
+    cols0 = tl.arange(0, BLOCK)
+    G = 0.0
+    u_over_D = 0.0
+    u_log_D = 0.0
+    u_level = tl.zeros([LP], tl.float32)
+    u_log_q = tl.zeros([LP], tl.float32)
+    for start in range(0, num_classes, BLOCK):
+        cols = start + cols0
+        sigma, D, inv_D, u, log_q = _load_block_u(
+            s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+            inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+        G += bG
+        u_over_D += bD
+        u_log_D += blogD
+        u_level += bl
+        u_log_q += blogq
+    return G, u_over_D, u_log_D, u_level, u_log_q
+
+
+@triton.jit
+def _gradient_of_blocks(grad_row, grad_scale, s_row, t_row, num_classes, level_ok, y, log_zs, base_s, log_zq,
+                        base_t, log_zt, tau, inv_tau, exp_beta, expm1_beta, level_weight, inv_G, A, R,
+                        gate_weight, expert_weight, BLOCK: tl.constexpr, HAS_EXPERT: tl.constexpr,
+                        HAS_GATE: tl.constexpr):
+    """Pass 3 over a row of C classes in blocks: grad_scale · ∂loss/∂s stored in the
+    gradient's dtype."""
+    cols0 = tl.arange(0, BLOCK)
+    for start in range(0, num_classes, BLOCK):
+        cols = start + cols0
+        sigma, D, inv_D, u, log_q = _load_block_u(
+            s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+            inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau, inv_G, A, R,
+                                        gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+        tl.store(grad_row + cols, _round_to(grad, grad_row.dtype.element_ty), mask=cols < num_classes)
 
 
 @triton.jit
@@ -303,9 +380,7 @@ def moe_kd_row_kernel(
                 s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
                 bm_s, bz_s, bz_q, bm_t, bz_t = _block_lse(s, t, inv_tau_v, HAS_GATE)
                 m_s, z_s, z_q = _merge_student(m_s, z_s, z_q, bm_s, bz_s, bz_q, inv_tau_v, HAS_GATE)
-                mt_new = tl.maximum(m_t, bm_t)
-                z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
-                m_t = mt_new
+                m_t, z_t = _merge_teacher(m_t, z_t, bm_t, bz_t, inv_tau_v)
         base_s = _finite_base(m_s)
         log_zs = tl.log(z_s)                               # LSE(s) = base_s + log_zs
         if HAS_GATE:
@@ -323,22 +398,9 @@ def moe_kd_row_kernel(
                 inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
             G, u_over_D, u_log_D, u_level, u_log_q = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
         else:
-            G = 0.0
-            u_over_D = 0.0
-            u_log_D = 0.0
-            u_level = tl.zeros([LP], tl.float32)
-            u_log_q = tl.zeros([LP], tl.float32)
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                sigma, D, inv_D, u, log_q = _load_block_u(
-                    s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
-                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                bG, bD, blogD, bl, blogq = _u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
-                G += bG
-                u_over_D += bD
-                u_log_D += blogD
-                u_level += bl
-                u_log_q += blogq
+            G, u_over_D, u_log_D, u_level, u_log_q = _u_sums_of_blocks(
+                s_row, t_row, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
+                inv_tau_v, exp_beta_v, expm1_beta_v, w_v, LP, BLOCK, HAS_EXPERT, HAS_GATE)
 
         # ---- loss and stats ----
         # An out-of-range target is never loaded: its row becomes NaN through 1/G.
@@ -360,14 +422,9 @@ def moe_kd_row_kernel(
                                                 gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
                 tl.store(grad_row + cols0, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols0 < num_classes)
             else:
-                for start in range(0, num_classes, BLOCK):
-                    cols = start + cols0
-                    sigma, D, inv_D, u, log_q = _load_block_u(
-                        s_row, t_row, cols, num_classes, level_ok, y, log_zs, base_s, log_zq, base_t, log_zt,
-                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
-                                                    gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                    tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols < num_classes)
+                _gradient_of_blocks(grad_row, grad_scale, s_row, t_row, num_classes, level_ok, y, log_zs, base_s,
+                                    log_zq, base_t, log_zt, tau_v, inv_tau_v, exp_beta_v, expm1_beta_v, w_v,
+                                    inv_G, A, R, gate_weight, expert_weight, BLOCK, HAS_EXPERT, HAS_GATE)
 
 
 # ---- a top-k teacher (docs/math.md, "Extensions"; teachers.TopKRows) ----
@@ -436,6 +493,194 @@ def _inf_terms(u, log_q, HAS_GATE: tl.constexpr):
 
 
 @triton.jit
+def _top_k_entries(value_rows, index_rows, value_k_stride, index_k_stride, ks, num_entries, level_ok,
+                   class_offset, num_classes):
+    """Entries ``ks`` (KB,) of every level: their logits (LP, KB) as float32, their classes
+    relative to ``class_offset``, and which are listed among the C classes from there on.
+    Padding (−inf) and entries of classes outside them are not listed and read −inf; a NaN
+    is data: listed, and it propagates."""
+    entry_ok = level_ok[:, None] & (ks < num_entries)[None, :]
+    v = tl.load(value_rows + ks[None, :] * value_k_stride, mask=entry_ok, other=float("-inf")).to(tl.float32)
+    c = tl.load(index_rows + ks[None, :] * index_k_stride, mask=entry_ok, other=-1) - class_offset
+    listed = (v != float("-inf")) & (c >= 0) & (c < num_classes)
+    return tl.where(listed, v, float("-inf")), c, listed
+
+
+@triton.jit
+def _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride, rest_at, num_entries,
+                       class_offset, num_classes, y, level_ok, inv_tau, LP: tl.constexpr, KB: tl.constexpr):
+    """Pass 1's teacher side: the state (m_t, z_t) of t_ℓ/τ_ℓ over the C classes from
+    ``class_offset`` on, from their listed entries and C − K′_ℓ copies of the unlisted
+    classes' logit ρ_ℓ (a loop over K, not over C); ρ_ℓ (−inf where every class is listed);
+    and t_ℓy, the listed value where level ℓ lists y (a sum, so a NaN stays NaN), else ρ_ℓ
+    (y relative to class_offset)."""
+    ks0 = tl.arange(0, KB)
+    m_t = tl.full([LP], float("-inf"), tl.float32)
+    z_t = tl.zeros([LP], tl.float32)
+    num_listed = tl.zeros([LP], tl.float32)
+    t_y_listed = tl.zeros([LP], tl.float32)
+    y_listed = tl.zeros([LP], tl.float32)
+    for k0 in range(0, num_entries, KB):
+        v, c, listed = _top_k_entries(value_rows, index_rows, value_k_stride, index_k_stride, k0 + ks0,
+                                      num_entries, level_ok, class_offset, num_classes)
+        bm_t = tl.max(v, axis=1)
+        m_t, z_t = _merge_teacher(m_t, z_t, bm_t, _teacher_exp_sums(v, _finite_base(bm_t), tl.zeros_like(bm_t),
+                                                                     inv_tau), inv_tau)
+        num_listed += tl.sum(tl.where(listed, 1.0, 0.0), axis=1)
+        at_y = listed & (c == y)
+        t_y_listed += tl.sum(tl.where(at_y, v, 0.0), axis=1)
+        y_listed += tl.sum(tl.where(at_y, 1.0, 0.0), axis=1)
+    rest = tl.load(rest_at, mask=level_ok, other=float("-inf")).to(tl.float32)
+    num_rest = num_classes - num_listed                               # C − K′_ℓ unlisted classes
+    rest = tl.where(num_rest > 0, rest, float("-inf"))
+    m_t, z_t = _merge_teacher(m_t, z_t, rest, num_rest, inv_tau)
+    return m_t, z_t, rest, tl.where(y_listed > 0.0, t_y_listed, rest)
+
+
+@triton.jit
+def _top_k_u_sums(s_row, s, num_classes, y, value_rows, index_rows, value_k_stride, index_k_stride, num_entries,
+                  class_offset, level_ok, pi_rest, log_zs, base_s, log_zq, base_t, log_zt,
+                  inv_tau, exp_beta, expm1_beta, level_weight, LP: tl.constexpr, BLOCK: tl.constexpr,
+                  KB: tl.constexpr, SINGLE_BLOCK: tl.constexpr, HAS_EXPERT: tl.constexpr,
+                  HAS_GATE: tl.constexpr):
+    """Pass 2 with a top-k teacher: the u-sums as if no class were listed, then per listed
+    entry. ``s``: the row's one block when SINGLE_BLOCK (else unused); y and the classes
+    relative to ``class_offset``."""
+    cols0 = tl.arange(0, BLOCK)
+    ks0 = tl.arange(0, KB)
+    G = 0.0
+    u_over_D = 0.0
+    u_log_D = 0.0
+    u_level = tl.zeros([LP], tl.float32)
+    u_log_q = tl.zeros([LP], tl.float32)
+    inf_terms = tl.zeros([LP], tl.float32)
+    # π_ρ = 0 at every level (kind "logits"): the dense loop would add zeros; skip it.
+    # (A NaN π_ρ is not 0: it runs and propagates.)
+    dense_end = tl.where(tl.sum(tl.where(pi_rest != 0.0, 1, 0), axis=0) > 0, num_classes, 0)
+    for start in range(0, dense_end, BLOCK):
+        cols = start + cols0
+        if SINGLE_BLOCK:
+            s_block = s
+        else:
+            s_block = _load_s(s_row, cols, num_classes)
+        # Classes past C get π = 0 (an unlisted class has π_ρ, a missing one nothing).
+        pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
+        sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
+                                                inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        bG, bD, blogD, bl, blogq = _u_sums_split(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+        G += bG
+        u_over_D += bD
+        u_log_D += blogD
+        u_level += bl
+        u_log_q += blogq
+        inf_terms += _inf_terms(u, log_q, HAS_GATE)
+    for k0 in range(0, num_entries, KB):
+        # Entry (ℓ, k) is class c_ℓk of level ℓ: the classes differ between levels.
+        v, c, listed = _top_k_entries(value_rows, index_rows, value_k_stride, index_k_stride, k0 + ks0,
+                                      num_entries, level_ok, class_offset, num_classes)
+        s_c = tl.load(s_row + c, mask=listed, other=0.0).to(tl.float32)
+        sigma_c = tl.exp((s_c - base_s) - log_zs)
+        D = 1.0 + expm1_beta[:, None] * sigma_c
+        inv_D = 1.0 / D
+        boost = tl.where(c == y, exp_beta[:, None], 1.0)
+        pi_c = tl.exp((v - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])
+        # u_ρ as _block_u_pi forms it: the difference takes back what the dense loop added.
+        u_c = tl.where(listed, level_weight[:, None] * pi_c * boost * inv_D, 0.0)
+        u_r = tl.where(listed, level_weight[:, None] * pi_rest[:, None] * boost * inv_D, 0.0)
+        if HAS_GATE:
+            log_q = (s_c - base_s) * inv_tau[:, None] - log_zq[:, None]
+        else:
+            log_q = tl.zeros_like(u_c)
+        bG, bD, blogD, bl, blogq = _u_sums_split(u_c - u_r, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
+        G += bG
+        u_over_D += bD
+        u_log_D += blogD
+        u_level += bl
+        u_log_q += blogq
+        inf_terms += _inf_terms(u_c, log_q, HAS_GATE) - _inf_terms(u_r, log_q, HAS_GATE)
+    # 0 · log 0 = 0 as in _u_sums; NaN + (−inf) stays NaN.
+    u_log_q += tl.where(inf_terms > 0.0, float("-inf"), 0.0)
+    return G, u_over_D, u_log_D, u_level, u_log_q
+
+
+@triton.jit
+def _top_k_gradient(grad_row, grad_scale, s_row, s, num_classes, y, value_row, value_level_stride, value_k_stride,
+                    index_row, index_level_stride, index_k_stride, num_entries, class_offset, level_ok, rest,
+                    pi_rest, log_zs, base_s, log_zq, base_t, log_zt, tau, inv_tau, exp_beta, expm1_beta,
+                    level_weight, inv_G, A, R, gate_weight, expert_weight, L: tl.constexpr, LP: tl.constexpr,
+                    BLOCK: tl.constexpr, KB: tl.constexpr, QB: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+                    SEARCH: tl.constexpr, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Pass 3 with a top-k teacher: the gradient as if no class were listed, then the listed
+    classes' (``value_row``/``index_row``: the row's entries of level 0; y and the classes
+    relative to ``class_offset``)."""
+    levels = tl.arange(0, LP)
+    levels64 = levels.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    ks0 = tl.arange(0, KB)
+    value_rows = value_row + levels64[:, None] * value_level_stride
+    for start in range(0, num_classes, BLOCK):
+        cols = start + cols0
+        if SINGLE_BLOCK:
+            s_block = s
+        else:
+            s_block = _load_s(s_row, cols, num_classes)
+        pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
+        sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
+                                                inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau, inv_G, A, R,
+                                        gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+        tl.store(grad_row + cols, _round_to(grad, grad_row.dtype.element_ty), mask=cols < num_classes)
+    # The listed classes' stores below replace stores above, made by other threads.
+    tl.debug_barrier()
+    q0 = tl.arange(0, QB)
+    for k0 in range(0, num_entries, KB):
+        # One listed class per lane: t (LP, QB) is its teacher logit at every level.
+        if SEARCH:
+            # Lane f is entry k0 + f % KB of level f // KB.
+            q_level = (q0 // KB).to(tl.int64)
+            q_k = k0 + q0 % KB
+            q_ok = (q_level < L) & (q_k < num_entries)
+            q_v = tl.load(value_row + q_level * value_level_stride + q_k * value_k_stride, mask=q_ok,
+                          other=float("-inf")).to(tl.float32)
+            q_class = tl.load(index_row + q_level * index_level_stride + q_k * index_k_stride, mask=q_ok,
+                              other=-1) - class_offset
+            q_listed = (q_v != float("-inf")) & (q_class >= 0) & (q_class < num_classes)
+            t = tl.zeros([LP, QB], tl.float32) + rest[:, None]
+            for level in tl.static_range(L):
+                found = tl.zeros([QB], tl.float32)
+                found_v = tl.zeros([QB], tl.float32)
+                for j0 in range(0, num_entries, KB):
+                    js = j0 + ks0
+                    j_ok = js < num_entries
+                    v2 = tl.load(value_row + level * value_level_stride + js * value_k_stride, mask=j_ok,
+                                 other=float("-inf")).to(tl.float32)
+                    c2 = tl.load(index_row + level * index_level_stride + js * index_k_stride, mask=j_ok,
+                                 other=-1) - class_offset
+                    match = (q_class[:, None] == c2[None, :]) & (v2 != float("-inf"))[None, :]
+                    found += tl.sum(tl.where(match, 1.0, 0.0), axis=1)
+                    found_v += tl.sum(tl.where(match, v2[None, :], 0.0), axis=1)
+                t = tl.where((levels == level)[:, None] & (found > 0.0)[None, :], found_v[None, :], t)
+        else:
+            # Entry k lists the same class at every level (level 0's index names it).
+            q_k = k0 + q0
+            entry_ok = level_ok[:, None] & (q_k < num_entries)[None, :]
+            v = tl.load(value_rows + q_k[None, :] * value_k_stride, mask=entry_ok,
+                        other=float("-inf")).to(tl.float32)
+            q_class = tl.load(index_row + q_k * index_k_stride, mask=q_k < num_entries, other=-1) - class_offset
+            listed = v != float("-inf")
+            q_listed = (tl.sum(tl.where(listed, 1, 0), axis=0) > 0) & (q_class >= 0) & (q_class < num_classes)
+            t = tl.where(listed, v, rest[:, None])
+        s_q = tl.load(s_row + q_class, mask=q_listed, other=0.0).to(tl.float32)
+        pi = tl.exp((t - base_t[:, None]) * inv_tau[:, None] - log_zt[:, None])
+        sigma, D, inv_D, u, log_q = _block_u_pi(s_q, pi, q_class == y, log_zs, base_s, log_zq,
+                                                inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, q_class == y, tau, inv_G, A, R,
+                                        gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
+        # With SEARCH a class listed at several levels has several lanes: same value.
+        tl.store(grad_row + q_class, _round_to(grad, grad_row.dtype.element_ty), mask=q_listed)
+
+
+@triton.jit
 def moe_kd_topk_row_kernel(
     student_ptr, student_row_stride,
     index_ptr, index_level_stride, index_row_stride, index_k_stride,      # (L, N, K) classes
@@ -459,15 +704,16 @@ def moe_kd_topk_row_kernel(
     level_ok = levels < L
     levels64 = levels.to(tl.int64)
     cols0 = tl.arange(0, BLOCK)
-    ks0 = tl.arange(0, KB)
     tau_v, inv_tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, grad_scale = _row_constants(
         tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_scale_ptr, L, LP, HAS_GRAD_SCALE)
 
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_row_stride
     grad_row = grad_ptr + row * grad_row_stride
-    index_rows = index_ptr + row * index_row_stride + levels64[:, None] * index_level_stride   # (LP, 1)
-    value_rows = value_ptr + row * value_row_stride + levels64[:, None] * value_level_stride
+    index_row = index_ptr + row * index_row_stride
+    value_row = value_ptr + row * value_row_stride
+    index_rows = index_row + levels64[:, None] * index_level_stride   # (LP, 1)
+    value_rows = value_row + levels64[:, None] * value_level_stride
 
     y = tl.load(target_ptr + row).to(tl.int64)
     if y == ignore_index:
@@ -479,6 +725,7 @@ def moe_kd_topk_row_kernel(
             s = _load_s(s_row, cols0, num_classes)
             m_s, z_s, z_q = _student_lse(s, inv_tau_v, HAS_GATE)
         else:
+            s = tl.zeros([BLOCK], tl.float32)  # unused: each pass loads its blocks
             m_s = float("-inf")
             z_s = 0.0
             z_q = tl.zeros([LP], tl.float32)
@@ -494,102 +741,24 @@ def moe_kd_topk_row_kernel(
             log_zq = tl.zeros([LP], tl.float32)
 
         # ---- pass 1, teacher: t_ℓ/τ_ℓ's state from the K entries, then the rest ----
-        # Also t_ℓy: the listed value where level ℓ lists y (a sum, so a NaN stays NaN).
-        m_t = tl.full([LP], float("-inf"), tl.float32)
-        z_t = tl.zeros([LP], tl.float32)
-        num_listed = tl.zeros([LP], tl.float32)
-        t_y_listed = tl.zeros([LP], tl.float32)
-        y_listed = tl.zeros([LP], tl.float32)
-        for k0 in range(0, num_entries, KB):
-            ks = k0 + ks0
-            entry_ok = level_ok[:, None] & (ks < num_entries)[None, :]
-            v = tl.load(value_rows + ks[None, :] * value_k_stride, mask=entry_ok,
-                        other=float("-inf")).to(tl.float32)
-            c = tl.load(index_rows + ks[None, :] * index_k_stride, mask=entry_ok, other=-1)
-            listed = v != float("-inf")     # NaN is data: listed, and it propagates
-            bm_t = tl.max(v, axis=1)
-            bz_t = tl.sum(tl.exp((v - _finite_base(bm_t)[:, None]) * inv_tau_v[:, None]), axis=1)
-            mt_new = tl.maximum(m_t, bm_t)
-            z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + bz_t * _rescale(bm_t, mt_new, inv_tau_v)
-            m_t = mt_new
-            num_listed += tl.sum(tl.where(listed, 1.0, 0.0), axis=1)
-            at_y = listed & (c == y)
-            t_y_listed += tl.sum(tl.where(at_y, v, 0.0), axis=1)
-            y_listed += tl.sum(tl.where(at_y, 1.0, 0.0), axis=1)
-        rest = tl.load(rest_ptr + row * rest_row_stride + levels64 * rest_level_stride, mask=level_ok,
-                       other=float("-inf")).to(tl.float32)
-        num_rest = num_classes - num_listed                               # C − K′_ℓ unlisted classes
-        rest = tl.where(num_rest > 0, rest, float("-inf"))
-        mt_new = tl.maximum(m_t, rest)
-        z_t = z_t * _rescale(m_t, mt_new, inv_tau_v) + num_rest * _rescale(rest, mt_new, inv_tau_v)
-        m_t = mt_new
+        m_t, z_t, rest, t_y = _top_k_teacher_lse(
+            value_rows, index_rows, value_k_stride, index_k_stride,
+            rest_ptr + row * rest_row_stride + levels64 * rest_level_stride, num_entries, 0, num_classes, y,
+            level_ok, inv_tau_v, LP, KB)
         base_t = _finite_base(m_t)
         log_zt = tl.log(tl.where(level_ok, z_t, 1.0))
         pi_rest = tl.exp((rest - base_t) * inv_tau_v - log_zt)           # π_ℓ at an unlisted class
 
         # ---- pass 2: u-sums as if no class were listed, then per listed entry ----
-        G = 0.0
-        u_over_D = 0.0
-        u_log_D = 0.0
-        u_level = tl.zeros([LP], tl.float32)
-        u_log_q = tl.zeros([LP], tl.float32)
-        inf_terms = tl.zeros([LP], tl.float32)
-        # π_ρ = 0 at every level (kind "logits"): the dense loop would add zeros; skip it.
-        # (A NaN π_ρ is not 0: it runs and propagates.)
-        dense_end = tl.where(tl.sum(tl.where(pi_rest != 0.0, 1, 0), axis=0) > 0, num_classes, 0)
-        for start in range(0, dense_end, BLOCK):
-            cols = start + cols0
-            if SINGLE_BLOCK:
-                s_block = s
-            else:
-                s_block = _load_s(s_row, cols, num_classes)
-            # Classes past C get π = 0 (an unlisted class has π_ρ, a missing one nothing).
-            pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
-            sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
-                                                    inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-            bG, bD, blogD, bl, blogq = _u_sums_split(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
-            G += bG
-            u_over_D += bD
-            u_log_D += blogD
-            u_level += bl
-            u_log_q += blogq
-            inf_terms += _inf_terms(u, log_q, HAS_GATE)
-        for k0 in range(0, num_entries, KB):
-            # Entry (ℓ, k) is class c_ℓk of level ℓ: the classes differ between levels.
-            ks = k0 + ks0
-            entry_ok = level_ok[:, None] & (ks < num_entries)[None, :]
-            v = tl.load(value_rows + ks[None, :] * value_k_stride, mask=entry_ok,
-                        other=float("-inf")).to(tl.float32)
-            c = tl.load(index_rows + ks[None, :] * index_k_stride, mask=entry_ok, other=0)
-            listed = v != float("-inf")
-            s_c = tl.load(s_row + c, mask=listed, other=0.0).to(tl.float32)
-            sigma_c = tl.exp((s_c - base_s) - log_zs)
-            D = 1.0 + expm1_beta_v[:, None] * sigma_c
-            inv_D = 1.0 / D
-            boost = tl.where(c == y, exp_beta_v[:, None], 1.0)
-            pi_c = tl.exp((v - base_t[:, None]) * inv_tau_v[:, None] - log_zt[:, None])
-            # u_ρ as _block_u_pi forms it: the difference takes back what the dense loop added.
-            u_c = tl.where(listed, w_v[:, None] * pi_c * boost * inv_D, 0.0)
-            u_r = tl.where(listed, w_v[:, None] * pi_rest[:, None] * boost * inv_D, 0.0)
-            if HAS_GATE:
-                log_q = (s_c - base_s) * inv_tau_v[:, None] - log_zq[:, None]
-            else:
-                log_q = tl.zeros_like(u_c)
-            bG, bD, blogD, bl, blogq = _u_sums_split(u_c - u_r, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
-            G += bG
-            u_over_D += bD
-            u_log_D += blogD
-            u_level += bl
-            u_log_q += blogq
-            inf_terms += _inf_terms(u_c, log_q, HAS_GATE) - _inf_terms(u_r, log_q, HAS_GATE)
-        # 0 · log 0 = 0 as in _u_sums; NaN + (−inf) stays NaN.
-        u_log_q += tl.where(inf_terms > 0.0, float("-inf"), 0.0)
+        G, u_over_D, u_log_D, u_level, u_log_q = _top_k_u_sums(
+            s_row, s, num_classes, y, value_rows, index_rows, value_k_stride, index_k_stride, num_entries, 0,
+            level_ok, pi_rest, log_zs, base_s, log_zq, base_t, log_zt, inv_tau_v, exp_beta_v, expm1_beta_v, w_v,
+            LP, BLOCK, KB, SINGLE_BLOCK, HAS_EXPERT, HAS_GATE)
 
         # ---- loss and stats ----
         in_range = (y >= 0) & (y < num_classes)
         y_safe = tl.where(in_range, y, 0)
         log_sigma_y = (tl.load(s_row + y_safe).to(tl.float32) - base_s) - log_zs
-        t_y = tl.where(y_listed > 0.0, t_y_listed, rest)
         pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
         inv_G, A, R = _row_outputs(loss_ptr + row, log_likelihood_ptr + row, agreement_ptr + row,
                                    in_range, log_sigma_y, pi_y, G, u_over_D, u_log_D, u_level, u_log_q,
@@ -598,67 +767,185 @@ def moe_kd_topk_row_kernel(
 
         # ---- pass 3: the gradient as if no class were listed, then the listed classes ----
         if NEED_GRAD:
-            for start in range(0, num_classes, BLOCK):
-                cols = start + cols0
-                if SINGLE_BLOCK:
-                    s_block = s
+            _top_k_gradient(grad_row, grad_scale, s_row, s, num_classes, y, value_row, value_level_stride,
+                            value_k_stride, index_row, index_level_stride, index_k_stride, num_entries, 0,
+                            level_ok, rest, pi_rest, log_zs, base_s, log_zq, base_t, log_zt, tau_v, inv_tau_v,
+                            exp_beta_v, expm1_beta_v, w_v, inv_G, A, R, gate_weight, expert_weight,
+                            L, LP, BLOCK, KB, QB, SINGLE_BLOCK, SEARCH, HAS_EXPERT, HAS_GATE)
+
+
+# ---- the phases over a class slice (phases.py; vocab-parallel training) ----
+#
+# Each row holds the classes [class_offset, class_offset + C) of a longer row: the sums over
+# classes are split where the caller combines the slices (phases.py, the row layouts):
+#
+#   0. maxima of s and t_ℓ/τ_ℓ                                          (combined by max)
+#   1. given the global maxima M: Σ exp(s − M_s), Σ exp((s − M_s)/τ_ℓ), Σ exp(t_ℓ/τ_ℓ − M_ℓ)
+#   2. given the global normalisers: pass 2's u-sums, log σ_y and u_ℓy     (combined by sum)
+#   3. given 1/G, A and R_ℓ as well: pass 3, the slice's gradient
+#
+# with the fused kernels' passes: σ = exp((s − b_s) − log_zs) with b_s = M_s and log_zs =
+# lse_s − M_s, log q_ℓ = (s − M_s)/τ_ℓ − log_z_q, π_ℓ = exp(t_ℓ/τ_ℓ − lse_t) (base 0). The
+# top-k teacher is read as in its fused kernel, its listed entries outside the slice ignored.
+
+
+@triton.jit
+def _load_levels(row_in_ptr, first, num_rows, row, levels64, level_ok):
+    """Rows first, …, first + L − 1 of a (rows, N) float32 table at column ``row``, as (LP,)
+    with 0 at the padded levels."""
+    return tl.load(row_in_ptr + (first + levels64) * num_rows + row, mask=level_ok, other=0.0)
+
+
+@triton.jit
+def _store_levels(row_out_ptr, first, num_rows, row, values, levels64, level_ok):
+    tl.store(row_out_ptr + (first + levels64) * num_rows + row, values, mask=level_ok)
+
+
+@triton.jit
+def moe_kd_phase_kernel(
+    student_ptr, student_row_stride,                                      # (N, C) this slice's classes
+    teacher_ptr, teacher_level_stride, teacher_row_stride,                # not TOP_K: (L, N, C) logits
+    index_ptr, index_level_stride, index_row_stride, index_k_stride,      # TOP_K: (L, N, K) global classes
+    value_ptr, value_level_stride, value_row_stride, value_k_stride,      # (L, N, K) logits, −inf: padding
+    rest_ptr, rest_level_stride, rest_row_stride,                         # (L, N) the unlisted classes' logit
+    target_ptr,                                                           # (N,) global classes
+    row_in_ptr, row_out_ptr,                   # (rows, N) float32 tables: the phase's inputs and outputs
+    grad_ptr, grad_row_stride, grad_scale_ptr,                            # phase 3: (N, C) in the student's dtype
+    num_rows, num_classes, class_offset, num_entries, ignore_index,       # N, C, the slice's first class, K
+    tau, inv_tau, beta, exp_beta, expm1_beta, level_weight,
+    gate_weight, expert_weight,
+    PHASE: tl.constexpr, TOP_K: tl.constexpr,
+    L: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, SEARCH: tl.constexpr,
+    QB: tl.constexpr, HAS_EXPERT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+):
+    levels = tl.arange(0, LP)
+    level_ok = levels < L
+    levels64 = levels.to(tl.int64)
+    cols0 = tl.arange(0, BLOCK)
+    tau_v, inv_tau_v, beta_v, exp_beta_v, expm1_beta_v, w_v, grad_scale = _row_constants(
+        tau, inv_tau, beta, exp_beta, expm1_beta, level_weight, grad_scale_ptr, L, LP, HAS_GRAD_SCALE)
+
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * student_row_stride
+    if TOP_K:
+        index_row = index_ptr + row * index_row_stride
+        value_row = value_ptr + row * value_row_stride
+        index_rows = index_row + levels64[:, None] * index_level_stride   # (LP, 1)
+        value_rows = value_row + levels64[:, None] * value_level_stride
+        rest_at = rest_ptr + row * rest_row_stride + levels64 * rest_level_stride
+    else:
+        t_row = teacher_ptr + row * teacher_row_stride + levels64[:, None] * teacher_level_stride
+
+    if PHASE == 0:
+        m_s = float("-inf")
+        m_t = tl.full([LP], float("-inf"), tl.float32)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + cols0
+            if TOP_K:
+                s = _load_s(s_row, cols, num_classes)
+            else:
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
+                m_t = tl.maximum(m_t, tl.max(t, axis=1))
+            m_s = tl.maximum(m_s, tl.max(s, axis=0))
+        if TOP_K:
+            m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
+                                                     rest_at, num_entries, class_offset, num_classes, -1,
+                                                     level_ok, inv_tau_v, LP, KB)
+        tl.store(row_out_ptr + row, m_s)
+        # max(t)/τ is max(t/τ): rounding is monotonic.
+        _store_levels(row_out_ptr, 1, num_rows, row, m_t * inv_tau_v, levels64, level_ok)
+    elif PHASE == 1:
+        # The global maxima; −inf (every class masked) gives sums of 0 rather than NaN.
+        base_s = _finite_base(tl.load(row_in_ptr + row))
+        max_t = _finite_base(_load_levels(row_in_ptr, 1, num_rows, row, levels64, level_ok))  # of t_ℓ/τ_ℓ
+        z_s = 0.0
+        z_q = tl.zeros([LP], tl.float32)
+        z_t = tl.zeros([LP], tl.float32)
+        for start in range(0, num_classes, BLOCK):
+            cols = start + cols0
+            if TOP_K:
+                s = _load_s(s_row, cols, num_classes)
+            else:
+                s, t = _load_block(s_row, t_row, cols, num_classes, level_ok)
+                z_t += _teacher_exp_sums(t, tl.zeros_like(max_t), max_t, inv_tau_v)
+            bz_s, bz_q = _student_exp_sums(s, base_s, inv_tau_v, True)
+            z_s += bz_s
+            z_q += bz_q
+        if TOP_K:
+            # The slice's own state, moved from its maximum to the global one.
+            m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
+                                                     rest_at, num_entries, class_offset, num_classes, -1,
+                                                     level_ok, inv_tau_v, LP, KB)
+            z_t = z_t * tl.exp(m_t * inv_tau_v - max_t)
+        tl.store(row_out_ptr + row, z_s)
+        _store_levels(row_out_ptr, 1, num_rows, row, z_q, levels64, level_ok)
+        _store_levels(row_out_ptr, 1 + L, num_rows, row, z_t, levels64, level_ok)
+    else:
+        grad_row = grad_ptr + row * grad_row_stride
+        y = tl.load(target_ptr + row).to(tl.int64)
+        if y == ignore_index:  # finalize gives such rows 0 whatever their sums
+            if PHASE == 2:
+                tl.store(row_out_ptr + row, 0.0)
+                tl.store(row_out_ptr + num_rows + row, 0.0)
+                tl.store(row_out_ptr + 2 * num_rows + row, 0.0)
+                for first in tl.static_range(3, 3 + 3 * L, L):
+                    _store_levels(row_out_ptr, first, num_rows, row, tl.zeros([LP], tl.float32), levels64, level_ok)
+            else:
+                _zero_gradient(grad_row, num_classes, BLOCK)
+        else:
+            # y in this slice, or −1: no class of the slice is the target.
+            owns_y = (y - class_offset >= 0) & (y - class_offset < num_classes)
+            y_here = tl.where(owns_y, y - class_offset, -1)
+            y_safe = tl.where(owns_y, y_here, 0)  # a class of the slice to read where it does not matter
+            max_s = tl.load(row_in_ptr + row)
+            base_s = _finite_base(max_s)
+            log_zs = tl.load(row_in_ptr + num_rows + row) - base_s
+            log_zq = _load_levels(row_in_ptr, 2, num_rows, row, levels64, level_ok)
+            log_zt = _load_levels(row_in_ptr, 2 + L, num_rows, row, levels64, level_ok)
+            base_t = tl.zeros([LP], tl.float32)
+            if TOP_K:
+                m_t, z_t, rest, t_y = _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride,
+                                                         rest_at, num_entries, class_offset, num_classes, y_here,
+                                                         level_ok, inv_tau_v, LP, KB)
+                pi_rest = tl.exp((rest - base_t) * inv_tau_v - log_zt)
+            if PHASE == 2:
+                # Every sum, whatever the weights: the rows are the contract's.
+                if TOP_K:
+                    G, u_over_D, u_log_D, u_level, u_log_q = _top_k_u_sums(
+                        s_row, cols0.to(tl.float32), num_classes, y_here, value_rows, index_rows, value_k_stride,
+                        index_k_stride, num_entries, class_offset, level_ok, pi_rest, log_zs, base_s, log_zq,
+                        base_t, log_zt, inv_tau_v, exp_beta_v, expm1_beta_v, w_v, LP, BLOCK, KB, False, True, True)
                 else:
-                    s_block = _load_s(s_row, cols, num_classes)
-                pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
-                sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
-                                                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau_v, inv_G, A, R,
-                                                gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=cols < num_classes)
-            # The listed classes' stores below replace stores above, made by other threads.
-            tl.debug_barrier()
-            q0 = tl.arange(0, QB)
-            for k0 in range(0, num_entries, KB):
-                # One listed class per lane: t (LP, QB) is its teacher logit at every level.
-                if SEARCH:
-                    # Lane f is entry k0 + f % KB of level f // KB.
-                    q_level = (q0 // KB).to(tl.int64)
-                    q_k = k0 + q0 % KB
-                    q_ok = (q_level < L) & (q_k < num_entries)
-                    q_v = tl.load(value_ptr + row * value_row_stride + q_level * value_level_stride
-                                  + q_k * value_k_stride, mask=q_ok, other=float("-inf")).to(tl.float32)
-                    q_class = tl.load(index_ptr + row * index_row_stride + q_level * index_level_stride
-                                      + q_k * index_k_stride, mask=q_ok, other=-1)
-                    q_listed = q_v != float("-inf")
-                    t = tl.zeros([LP, QB], tl.float32) + rest[:, None]
-                    for level in tl.static_range(L):
-                        found = tl.zeros([QB], tl.float32)
-                        found_v = tl.zeros([QB], tl.float32)
-                        for j0 in range(0, num_entries, KB):
-                            js = j0 + ks0
-                            j_ok = js < num_entries
-                            v2 = tl.load(value_ptr + row * value_row_stride + level * value_level_stride
-                                         + js * value_k_stride, mask=j_ok, other=float("-inf")).to(tl.float32)
-                            c2 = tl.load(index_ptr + row * index_row_stride + level * index_level_stride
-                                         + js * index_k_stride, mask=j_ok, other=-1)
-                            match = (q_class[:, None] == c2[None, :]) & (v2 != float("-inf"))[None, :]
-                            found += tl.sum(tl.where(match, 1.0, 0.0), axis=1)
-                            found_v += tl.sum(tl.where(match, v2[None, :], 0.0), axis=1)
-                        t = tl.where((levels == level)[:, None] & (found > 0.0)[None, :], found_v[None, :], t)
+                    G, u_over_D, u_log_D, u_level, u_log_q = _u_sums_of_blocks(
+                        s_row, t_row, num_classes, level_ok, y_here, log_zs, base_s, log_zq, base_t, log_zt,
+                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, LP, BLOCK, True, True)
+                    t_y = tl.load(t_row + y_safe, mask=level_ok[:, None], other=float("-inf")).to(tl.float32)
+                    t_y = tl.sum(t_y, axis=1)                                    # (LP,): t_ℓy
+                s_y = tl.load(s_row + y_safe).to(tl.float32)
+                log_sigma_y = tl.where(owns_y, (s_y - base_s) - log_zs, 0.0)
+                pi_y = tl.exp((t_y - base_t) * inv_tau_v - log_zt)
+                u_y = tl.where(owns_y, _target_u(pi_y, log_sigma_y, exp_beta_v, expm1_beta_v, w_v), 0.0)
+                tl.store(row_out_ptr + row, u_over_D)
+                tl.store(row_out_ptr + num_rows + row, u_log_D)
+                tl.store(row_out_ptr + 2 * num_rows + row, log_sigma_y)
+                _store_levels(row_out_ptr, 3, num_rows, row, u_level, levels64, level_ok)
+                _store_levels(row_out_ptr, 3 + L, num_rows, row, u_log_q, levels64, level_ok)
+                _store_levels(row_out_ptr, 3 + 2 * L, num_rows, row, u_y, levels64, level_ok)
+            else:
+                inv_G = tl.load(row_in_ptr + (2 + 2 * L) * num_rows + row)
+                A = tl.load(row_in_ptr + (3 + 2 * L) * num_rows + row)
+                R = _load_levels(row_in_ptr, 4 + 2 * L, num_rows, row, levels64, level_ok)
+                if TOP_K:
+                    _top_k_gradient(grad_row, grad_scale, s_row, cols0.to(tl.float32), num_classes, y_here,
+                                    value_row, value_level_stride, value_k_stride, index_row, index_level_stride,
+                                    index_k_stride, num_entries, class_offset, level_ok, rest, pi_rest, log_zs,
+                                    base_s, log_zq, base_t, log_zt, tau_v, inv_tau_v, exp_beta_v, expm1_beta_v,
+                                    w_v, inv_G, A, R, gate_weight, expert_weight, L, LP, BLOCK, KB, QB, False,
+                                    SEARCH, HAS_EXPERT, HAS_GATE)
                 else:
-                    # Entry k lists the same class at every level (level 0's index names it).
-                    q_k = k0 + q0
-                    entry_ok = level_ok[:, None] & (q_k < num_entries)[None, :]
-                    v = tl.load(value_rows + q_k[None, :] * value_k_stride, mask=entry_ok,
-                                other=float("-inf")).to(tl.float32)
-                    q_class = tl.load(index_ptr + row * index_row_stride + q_k * index_k_stride,
-                                      mask=q_k < num_entries, other=-1)
-                    listed = v != float("-inf")
-                    q_listed = tl.sum(tl.where(listed, 1, 0), axis=0) > 0
-                    t = tl.where(listed, v, rest[:, None])
-                s_q = tl.load(s_row + q_class, mask=q_listed, other=0.0).to(tl.float32)
-                pi = tl.exp((t - base_t[:, None]) * inv_tau_v[:, None] - log_zt[:, None])
-                sigma, D, inv_D, u, log_q = _block_u_pi(s_q, pi, q_class == y, log_zs, base_s, log_zq,
-                                                        inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)
-                grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, q_class == y, tau_v, inv_G, A, R,
-                                                gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
-                # With SEARCH a class listed at several levels has several lanes: same value.
-                tl.store(grad_row + q_class, _round_to(grad, grad_ptr.dtype.element_ty), mask=q_listed)
+                    _gradient_of_blocks(grad_row, grad_scale, s_row, t_row, num_classes, level_ok, y_here, log_zs,
+                                        base_s, log_zq, base_t, log_zt, tau_v, inv_tau_v, exp_beta_v, expm1_beta_v,
+                                        w_v, inv_G, A, R, gate_weight, expert_weight, BLOCK, HAS_EXPERT, HAS_GATE)
 
 
 @triton.jit

@@ -56,6 +56,7 @@ SELECTIONS: Dict[str, Tuple[Tuple[str, ...], ...]] = {
     "top-k-reference": (("tests/test_teachers.py", "-k", "reference"),),
     "top-k-cpu": (("tests/test_teachers.py", "-k", "cpu"), ("tests/test_phases.py",)),
     "top-k-triton": (("tests/test_triton_backend.py", "-k", "top_k"),),
+    "triton-phases": (("tests/test_triton_backend.py", "-k", "phases"), ("tests/test_phases.py", "-k", "triton")),
     "vocab-parallel": (("tests/test_vocab_parallel.py",),),
     "fused-linear": (("tests/test_fused_linear.py", "-k", "chunk"),),
 }
@@ -110,14 +111,30 @@ MUTANTS: Tuple[Mutant, ...] = (
            "z_q = z_q * _rescale(m_s, m_new, inv_tau) + bz_q * _rescale(bm_s, m_new, inv_tau)",
            "z_q = z_q * _rescale(m_s, m_new, 1.0) + bz_q * _rescale(bm_s, m_new, 1.0)", "triton-multi-block"),
     Mutant("triton-pass2-keeps-only-the-last-log-D-block", "moekd_kernels/triton_kernels.py",
-           "u_over_D += bD\n                u_log_D += blogD", "u_over_D += bD\n                u_log_D = blogD",
+           "_u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)\n        G += bG\n        u_over_D += bD\n"
+           "        u_log_D += blogD",
+           "_u_sums(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)\n        G += bG\n        u_over_D += bD\n"
+           "        u_log_D = blogD",
            "triton-multi-block"),
     Mutant("triton-pass3-target-by-block-offset", "moekd_kernels/triton_kernels.py",
-           "inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)\n"
-           "                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y,",
-           "inv_tau_v, exp_beta_v, expm1_beta_v, w_v, HAS_GATE)\n"
-           "                    grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y,",
+           "log_zt,\n            inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)\n"
+           "        grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau,",
+           "log_zt,\n            inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)\n"
+           "        grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols0 == y, tau,",
            "triton-multi-block"),
+    # ---- the Triton phase kernel over a class slice (moe_kd_phase_kernel) ----
+    Mutant("triton-phase1-keeps-only-the-last-block", "moekd_kernels/triton_kernels.py",
+           "            z_s += bz_s\n            z_q += bz_q", "            z_s = bz_s\n            z_q = bz_q",
+           "triton-phases"),
+    Mutant("triton-phase-top-k-reads-entries-past-the-slice", "moekd_kernels/triton_kernels.py",
+           'listed = (v != float("-inf")) & (c >= 0) & (c < num_classes)',
+           'listed = (v != float("-inf")) & (c >= 0)', "triton-phases"),
+    Mutant("triton-phase2-target-u-on-every-slice", "moekd_kernels/triton_kernels.py",
+           "u_y = tl.where(owns_y, _target_u(pi_y, log_sigma_y, exp_beta_v, expm1_beta_v, w_v), 0.0)",
+           "u_y = _target_u(pi_y, log_sigma_y, exp_beta_v, expm1_beta_v, w_v)", "triton-phases"),
+    Mutant("triton-phase3-target-by-global-class", "moekd_kernels/triton_kernels.py",
+           "y_here = tl.where(owns_y, y - class_offset, -1)", "y_here = tl.where(owns_y, y, -1)",
+           "triton-phases"),
     # ---- the CUDA kernel's per-thread code (csrc/cuda/moekd_row.h), run by the host emulation ----
     Mutant("cuda-pass1-merge-skips-the-rescale", "csrc/cuda/moekd_row.h",
            "a.s_sum = a.s_sum * rescale(a.s_max, M, kLog2e) + b.s_sum * rescale(b.s_max, M, kLog2e);",
@@ -137,8 +154,8 @@ MUTANTS: Tuple[Mutant, ...] = (
            "num_rest = num_classes - num_listed ",
            "num_rest = num_classes - num_listed - 1 ", "top-k-triton"),
     Mutant("triton-top-k-listed-gradient-not-rewritten", "moekd_kernels/triton_kernels.py",
-           "tl.store(grad_row + q_class, _round_to(grad, grad_ptr.dtype.element_ty), mask=q_listed)",
-           "tl.store(grad_row + q_class, _round_to(grad, grad_ptr.dtype.element_ty), mask=q_listed & False)",
+           "tl.store(grad_row + q_class, _round_to(grad, grad_row.dtype.element_ty), mask=q_listed)",
+           "tl.store(grad_row + q_class, _round_to(grad, grad_row.dtype.element_ty), mask=q_listed & False)",
            "top-k-triton"),
     # ---- vocab-parallel: the phases' sums and the agreement on inputs ----
     Mutant("phases-estep-drops-log-D", "moekd_kernels/phases.py",

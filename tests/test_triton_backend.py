@@ -5,8 +5,10 @@ Triton, and the kernel runs on CPU tensors under Triton's interpreter. With a
 GPU the same tests run the compiled kernel on CUDA tensors.
 """
 
+import itertools
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -761,7 +763,7 @@ from moekd_kernels import triton_kernels as tk
 
 PER_LEVEL = ("tau", "inv_tau", "beta", "exp_beta", "expm1_beta", "level_weight")
 POINTERS = {"student_ptr": "*bf16", "teacher_ptr": "*bf16", "value_ptr": "*bf16", "index_ptr": "*i64",
-            "target_ptr": "*i64", "grad_ptr": "*bf16"}
+            "target_ptr": "*i64", "grad_ptr": "*bf16", "rest_ptr": "*bf16"}
 
 def compile_sm90(fn, **constants):
     signature = {}
@@ -780,7 +782,8 @@ def compile_sm90(fn, **constants):
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert ".target sm_90" in kernel.asm["ptx"]
-    print(fn.__name__, constants["L"], constants.get("SEARCH"), constants["SINGLE_BLOCK"], "ok")
+    print(fn.__name__, constants["L"], constants.get("SEARCH"), constants.get("SINGLE_BLOCK"),
+          constants.get("PHASE"), "ok")
 
 flags = dict(HAS_EXPERT=True, HAS_GATE=True, HAS_GRAD_SCALE=True, NEED_GRAD=True)
 compile_sm90(tk.moe_kd_row_kernel, L=2, LP=2, BLOCK=1024, SINGLE_BLOCK=False, **flags)
@@ -788,6 +791,11 @@ for (levels, search), single in itertools.product([(1, False), (2, False), (3, T
     padded = 1 << (levels - 1).bit_length()
     compile_sm90(tk.moe_kd_topk_row_kernel, L=levels, LP=padded, BLOCK=1024, SINGLE_BLOCK=single, KB=32,
                  SEARCH=search, QB=32 * (padded if search else 1), **flags)
+phase_flags = dict(HAS_EXPERT=True, HAS_GATE=True, HAS_GRAD_SCALE=True)
+for phase, (top_k, levels, search) in itertools.product(range(4), [(False, 2, False), (True, 3, True)]):
+    padded = 1 << (levels - 1).bit_length()
+    compile_sm90(tk.moe_kd_phase_kernel, PHASE=phase, TOP_K=top_k, L=levels, LP=padded, BLOCK=1024, KB=32,
+                 SEARCH=search, QB=32 * (padded if search else 1), **phase_flags)
 """
 
 
@@ -801,4 +809,217 @@ def test_kernels_compile_for_a_gpu():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count(" ok") == 7, done.stdout
+    assert done.stdout.count(" ok") == 15, done.stdout
+
+
+# ---- the phases over class slices (phases.py's contract; the vocab-parallel path) ----
+#
+# Every slice runs phases.slice_rows with the Triton phase functions, in a thread of its own;
+# the combine step between the phases joins the slices' partial results as the all-reduces
+# of vocab_parallel.py would. The whole rows' loss and stats, and each slice's gradient,
+# are held to the float64 oracle at the tolerances of tests/test_vocab_parallel.py.
+
+class _LockstepCombine:
+    """``phases.slice_rows``' combine for slices run in threads of one process: each step
+    returns once every slice has given its part. Only one thread computes at a time (each
+    holds ``turn`` except while it waits here): Triton's interpreter is not thread-safe."""
+
+    def __init__(self, num_slices):
+        self.turn = threading.Condition()
+        self.num_slices = num_slices
+        self.parts, self.results = [], []
+        self.failed = False
+
+    def _join(self, tensor, reduce):
+        step = len(self.results)
+        self.parts.append(tensor)
+        if len(self.parts) == self.num_slices:
+            self.results.append(reduce(torch.stack(self.parts)))
+            self.parts = []
+            self.turn.notify_all()
+        else:
+            self.turn.wait_for(lambda: len(self.results) > step or self.failed)
+            if self.failed:
+                raise RuntimeError("another slice failed")
+        return self.results[step]
+
+    def max_(self, tensor):
+        return self._join(tensor, lambda parts: parts.amax(0))
+
+    def sum_(self, tensor):
+        return self._join(tensor, lambda parts: parts.sum(0))
+
+
+def _offsets(widths):
+    return [0] + list(itertools.accumulate(widths))
+
+
+def _sliced_rows(student, teacher, target, opts, widths, grad_scale):
+    """(loss, log_likelihood, agreement, grad) of every slice of ``widths`` classes, from
+    ``phases.slice_rows`` with backend "triton"'s phase functions; ``teacher`` the dense
+    logits (L, N, C) or a TopKRows with global indices."""
+    from moekd_kernels import phases
+    from moekd_kernels.teachers import TopKRows
+
+    impl = BACKENDS["triton"].load_phases()
+    offsets = _offsets(widths)
+    combine = _LockstepCombine(len(widths))
+    results, errors = [None] * len(widths), []
+
+    def run(i):
+        lo, hi = offsets[i], offsets[i + 1]
+        with combine.turn:
+            try:
+                if isinstance(teacher, TopKRows):
+                    impl.check_inputs(student[:, lo:hi], teacher.values)
+                    loader = impl.top_k_teacher(teacher, lo, hi - lo, opts, torch.float32)
+                else:
+                    impl.check_inputs(student[:, lo:hi], teacher[..., lo:hi])
+                    loader = impl.dense_teacher(teacher[..., lo:hi], opts, torch.float32)
+                results[i] = phases.slice_rows(student[:, lo:hi], loader, target, opts, num_classes=offsets[-1],
+                                               grad_scale=grad_scale, combine=combine, class_offset=lo,
+                                               impl=impl)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other slices stop
+                errors.append(exc)
+                combine.failed = True
+                combine.turn.notify_all()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(widths))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a slice hangs"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _check_sliced(student, teacher, target, widths, dense, options, scale=0.5):
+    """Every slice's loss and stats (the whole rows') and gradient (its classes', times
+    ``scale``) against the float64 oracle on the dense teacher ``dense``."""
+    opts = _opts(dense.shape[0] if dense.dim() == 3 else 1, **options)
+    results = _sliced_rows(student, teacher, target, opts, widths, torch.tensor(scale, device=DEVICE))
+    exp_loss, exp_grad, exp_ll, exp_agree = float64_oracle(Case(student.cpu(), dense.cpu(), target.cpu(), options))
+    offsets = _offsets(widths)
+    grad_tol = 1e-5 if student.dtype == torch.float32 else 2 ** -8
+    ignored = (target == -100).cpu()
+    for i, (loss, ll, agreement, grad) in enumerate(results):
+        for name, got, want in (("loss", loss, exp_loss), ("log_likelihood", ll, exp_ll),
+                                ("agreement", agreement, exp_agree)):
+            got, want = got.detach().cpu().double(), want.double()
+            assert bool(((got - want).abs() <= 1e-5 * want.abs() + 1e-7).all()), \
+                f"slice {i} {name}: max err {float((got - want).abs().max()):.3g}"
+        lo, hi = offsets[i], offsets[i + 1]
+        assert grad.dtype == student.dtype and grad.shape == (student.shape[0], hi - lo)
+        got, want = grad.cpu().double(), scale * exp_grad[:, lo:hi]
+        assert bool((got[ignored] == 0).all())
+        err = (got - want).abs()
+        assert bool((err <= grad_tol * want.abs().max()).all()), f"slice {i} grad: max err {float(err.max()):.3g}"
+
+
+def _sliced_inputs(seed, num_rows, widths, num_levels, dtype):
+    """Student, teacher logits and targets: each slice's first and last class, an ignored row."""
+    g = torch.Generator().manual_seed(seed)
+    num_classes = sum(widths)
+    student = (3 * torch.randn(num_rows, num_classes, generator=g)).to(dtype)
+    teacher = (3 * torch.randn(num_levels, num_rows, num_classes, generator=g)).to(dtype)
+    target = torch.randint(0, num_classes, (num_rows,), generator=g)
+    offsets = _offsets(widths)
+    boundaries = sorted({c for lo, hi in zip(offsets, offsets[1:]) for c in (lo, hi - 1)})[:num_rows - 2]
+    target[:len(boundaries)] = torch.tensor(boundaries)
+    target[-2] = -100
+    return student.to(DEVICE), teacher.to(DEVICE), target.to(DEVICE)
+
+
+def _level_options(num_levels):
+    if num_levels == 1:
+        return dict(temperature=2.0, expert_strength=1.5, gate_weight=0.7, expert_weight=1.2)
+    return dict(temperature=[1.0, 3.0], expert_strength=[2.0, 0.5], level_weights=[1.0, 2.0],
+                gate_weight=0.7, expert_weight=1.2)
+
+
+# Few rows and cases: the interpreter's time grows with programs × blocks, and each slice
+# runs four launches.
+@pytest.mark.parametrize("widths,num_levels,dtype", [
+    ([11], 1, torch.float32), ([5, 6], 2, torch.bfloat16), ([1, 6, 4], 2, torch.float32),
+    ([1, 6, 4], 1, torch.bfloat16),
+], ids=str)
+def test_phases_on_slices_match_oracle(widths, num_levels, dtype):
+    student, teacher, target = _sliced_inputs(len(widths) + num_levels, 6, widths, num_levels, dtype)
+    _check_sliced(student, teacher, target, widths, teacher, _level_options(num_levels))
+
+
+def test_phases_on_slices_multi_block(small_tile):
+    """A slice of 45 classes in 32-class blocks, and one of a single class."""
+    widths = [45, 1, 6]
+    student, teacher, target = _sliced_inputs(7, 6, widths, 2, torch.bfloat16)
+    _check_sliced(student, teacher, target, widths, teacher, _level_options(2))
+
+
+def test_phases_teacher_shared_by_levels():
+    """One head at two temperatures (level stride 0): the phases read it in place."""
+    student, teacher, target = _sliced_inputs(8, 4, [4, 7], 1, torch.float32)
+    shared = teacher.expand(2, -1, -1)
+    _check_sliced(student, shared, target, [4, 7], shared, _level_options(2))
+
+
+def _sliced_top_k(seed, num_rows, widths, k, kind, num_levels, dtype=torch.float32):
+    """A TopKTeacher with global indices (level ℓ lists its own classes) as the backends take
+    it, its dense teacher, and targets as _sliced_inputs gives them, the last row's listed at level 0."""
+    num_classes = sum(widths)
+    student, logits, target = _sliced_inputs(seed, num_rows, widths, num_levels, dtype)
+    pairs = [top_k(logits[level].cpu(), k, kind) for level in range(num_levels)]
+    indices, values = torch.stack([i for i, _ in pairs]), torch.stack([v for _, v in pairs])
+    values[:, 1, k // 2:] = -math.inf  # padding
+    target[-1] = int(indices[0, -1, 0])
+    teacher = TopKTeacher(indices[0] if num_levels == 1 else indices, values[0] if num_levels == 1 else values, kind)
+    rows = _kernel_rows(TopKTeacher(teacher.indices.to(DEVICE), teacher.values.to(DEVICE), kind), num_levels,
+                        num_rows, num_classes)
+    dense = densify(indices, values, kind, num_classes)
+    return student, rows, target, dense
+
+
+@pytest.mark.parametrize("kind,num_levels", [("logits", 1), ("logprobs", 2)])
+def test_phases_on_slices_top_k_teacher(kind, num_levels):
+    """Listed entries on every slice and off it; level 2 lists its own classes."""
+    widths = [1, 6, 4]
+    student, rows, target, dense = _sliced_top_k(20 + num_levels, 6, widths, 4, kind, num_levels)
+    _check_sliced(student, rows, target, widths, dense, _level_options(num_levels))
+
+
+def test_phases_on_slices_top_k_multi_block(small_top_k_tiles):
+    """32-class blocks and 4-entry steps over K = 5 entries, levels with their own classes."""
+    widths = [45, 1, 6]
+    student, rows, target, dense = _sliced_top_k(30, 4, widths, 5, "logprobs", 2, torch.bfloat16)
+    _check_sliced(student, rows, target, widths, dense, _level_options(2))
+
+
+def test_phases_top_k_teacher_builds_no_dense_teacher(monkeypatch):
+    """The phase kernel's only (N, C_r)-sized tensors are the student slice and, in phase 3,
+    its gradient: the top-k teacher arrives as its K entries per row and level."""
+    widths = [20, 30]
+    student, rows, target, dense = _sliced_top_k(40, 3, widths, 4, "logprobs", 2)
+    kernel, seen = triton_backend.triton_kernels.moe_kd_phase_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["PHASE"], [a for a in args if isinstance(a, torch.Tensor)]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_backend.triton_kernels, "moe_kd_phase_kernel", Spy())
+    _check_sliced(student, rows, target, widths, dense, _level_options(2))
+    assert sorted(phase for phase, _ in seen) == [0, 0, 1, 1, 2, 2, 3, 3]
+    for phase, tensors in seen:
+        large = {t.data_ptr() for t in tensors if t.numel() >= 3 * min(widths)}
+        assert len(large) == (2 if phase == 3 else 1)  # the student slice, and the gradient
+
+
+def test_phases_float64_student_is_refused_with_its_name():
+    phases_impl = BACKENDS["triton"].load_phases()
+    student = torch.zeros(3, 5, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="student_logits"):
+        phases_impl.check_inputs(student, torch.zeros(1, 3, 5, device=DEVICE))
+    phases_impl.check_inputs(student.float(), torch.zeros(1, 3, 5, dtype=torch.float64, device=DEVICE))
