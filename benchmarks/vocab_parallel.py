@@ -36,6 +36,7 @@ def _worker(rank: int, world: int, store: str, rows: int, classes: int, dtype_na
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
+    # Before the group exists (see tests/test_vocab_parallel.py, _init).
     from moekd_kernels import benchmarking, fused_moe_kd_loss, vocab_parallel
 
     torch.set_num_threads(threads)
@@ -78,7 +79,7 @@ def _worker(rank: int, world: int, store: str, rows: int, classes: int, dtype_na
         dist.barrier()
         timing = benchmarking.time_fn(step, "cpu", warmup=2, min_reps=5, max_reps=30, target_s=2.0)
         if name == "sharded":
-            sent = vocab_parallel.last_communicator.bytes_reduced / rows
+            sent = vocab_parallel.last_counts.bytes_reduced / rows
         elif name == "gather_logits":
             sent = 2 * classes * element   # the student's and the teacher's rows
         else:

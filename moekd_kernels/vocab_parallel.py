@@ -32,6 +32,7 @@ traced joins the agreement from the tracer (``reject_on_every_rank``).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import List, NamedTuple, NoReturn, Optional, Tuple
 
 import torch
@@ -50,20 +51,32 @@ from .reference import accumulation_dtype
 from .teachers import TopKTeacher, flatten_teacher_inputs, topk_rows
 
 
+@dataclass
+class CollectiveCounts:
+    """What one call sent: the tests assert how many collectives run and what they carry."""
+
+    calls: int = 0
+    bytes_reduced: int = 0   # by the all-reduces
+
+
+# The counts of the last call in this process. Only the counts: a module-level reference
+# to the group would keep it alive past destroy_process_group, and its gloo threads would
+# then be torn down at interpreter exit, which aborts the process.
+last_counts = CollectiveCounts()
+
+
 class Communicator:
-    """The group's collectives, counted: the tests assert how many run and what they carry."""
+    """The group's collectives, counted in ``counts`` (also ``last_counts``)."""
 
     def __init__(self, group) -> None:
-        global last_communicator
+        global last_counts
         self.group = group
-        self.calls = 0
-        self.bytes_reduced = 0   # by the all-reduces
-        last_communicator = self
+        self.counts = last_counts = CollectiveCounts()
 
     def all_reduce(self, tensor: Tensor, op) -> Tensor:
         dist.all_reduce(tensor, op=op, group=self.group)
-        self.calls += 1
-        self.bytes_reduced += tensor.element_size() * tensor.numel()
+        self.counts.calls += 1
+        self.counts.bytes_reduced += tensor.element_size() * tensor.numel()
         return tensor
 
     def max_(self, tensor: Tensor) -> Tensor:
@@ -76,12 +89,8 @@ class Communicator:
         world = dist.get_world_size(self.group)
         out = [torch.empty_like(tensor) for _ in range(world)]
         dist.all_gather(out, tensor, group=self.group)
-        self.calls += 1
+        self.counts.calls += 1
         return torch.stack(out)
-
-
-# The last Communicator used in this process, for tests that count collectives.
-last_communicator: Optional[Communicator] = None
 
 
 def check_process_group(process_group) -> None:
