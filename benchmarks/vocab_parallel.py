@@ -31,7 +31,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _worker(rank: int, world: int, store: str, rows: int, classes: int, dtype_name: str, threads: int,
-            out: str) -> None:
+            reps: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -77,7 +77,8 @@ def _worker(rank: int, world: int, store: str, rows: int, classes: int, dtype_na
     impls = [("sharded", sharded), ("gather_logits", gather_logits)] + ([("fused", fused)] if world == 1 else [])
     for name, step in impls:
         dist.barrier()
-        timing = benchmarking.time_fn(step, "cpu", warmup=2, min_reps=5, max_reps=30, target_s=2.0)
+        # A fixed count: every rank must run the same number of collectives.
+        timing = benchmarking.time_fn(step, "cpu", warmup=2, min_reps=reps, max_reps=reps)
         if name == "sharded":
             sent = vocab_parallel.last_counts.bytes_reduced / rows
         elif name == "gather_logits":
@@ -93,13 +94,13 @@ def _worker(rank: int, world: int, store: str, rows: int, classes: int, dtype_na
     dist.destroy_process_group()
 
 
-def run(world: int, rows: int, classes: int, dtype_name: str, threads: int):
+def run(world: int, rows: int, classes: int, dtype_name: str, threads: int, reps: int):
     import torch.multiprocessing as mp
 
     tmp = tempfile.mkdtemp(prefix="moekd-vp-bench-")
     out = os.path.join(tmp, "result.json")
     mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), rows, classes, dtype_name,
-                                      max(1, threads // world), out),
+                                      max(1, threads // world), reps, out),
                        nprocs=world, start_method="spawn")
     with open(out) as f:
         return json.load(f)
@@ -111,12 +112,13 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads shared by the ranks")
+    p.add_argument("--reps", type=int, default=10, help="timed steps per implementation (after 2 warm-up)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     rows, classes = (int(v) for v in args.shape.split("x"))
     results = []
     for world in (int(w) for w in args.worlds.split(",")):
-        results += run(world, rows, classes, args.dtype, args.threads)
+        results += run(world, rows, classes, args.dtype, args.threads, args.reps)
     fused = next((r["median_ms"] for r in results if r["impl"] == "fused"), None)
     print(f"| impl | world | threads/rank | ms | vs fused | bytes/row sent |")
     print("|---|---|---|---|---|---|")
