@@ -242,3 +242,18 @@ def test_fused_cpu_step_peaks_at_its_gradient():
     # The measurement can fail: the unfused eager code holds several N×C temporaries.
     eager = peak_memory.measure("eager_moekd", "fp32", 256, 32768)
     assert eager["fp32_buffers"] > 3, eager
+
+
+def test_vocab_parallel_benchmark_runs(tmp_path):
+    """benchmarks/vocab_parallel.py at a tiny shape, worlds 1 and 2: every implementation
+    timed, and the sharded call sends its 5 + 6L float32 per row."""
+    available_backends("cpu")
+    out_json = tmp_path / "vp.json"
+    proc = _run([sys.executable, "benchmarks/vocab_parallel.py", "--shape", "8x96", "--worlds", "1,2",
+                 "--reps", "1", "--json", str(out_json)], {"OMP_NUM_THREADS": "1"}, timeout=300)
+    rows = json.loads(out_json.read_text())
+    assert {(r["impl"], r["world"]) for r in rows} == {
+        ("sharded", 1), ("gather_logits", 1), ("fused", 1), ("sharded", 2), ("gather_logits", 2)}
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert all(r["bytes_per_row"] == 4 * (5 + 6) for r in rows if r["impl"] == "sharded")
+    assert "| sharded | 2 |" in proc.stdout
