@@ -241,6 +241,27 @@ def test_ddp_distillation_equals_one_process(tmp_path):
     assert not torch.allclose(initial.weight, single["weight"], atol=1e-3)
 
 
+def test_tensor_parallel_distillation_equals_one_process(tmp_path):
+    """Two gloo ranks, each holding its rows of the output layers (26 and 25 of 51), train the
+    same trunk and output layer as one process on the whole vocabulary."""
+    script = str(EXAMPLES / "tensor_parallel_distillation.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, "--tiny", "--save", str(one)], check=True, timeout=180,
+                   env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    script, "--tiny", "--save", str(two)], check=True, timeout=300, env=env)
+    single, sharded = torch.load(one), torch.load(two)
+    assert single.keys() == sharded.keys()
+    for name in single:
+        assert torch.allclose(single[name], sharded[name], rtol=1e-5, atol=1e-6), name
+    # The run changed the weights: a comparison of two untouched initialisations would pass.
+    _, (trunk, head) = load_example("tensor_parallel_distillation").make_models(16, 32, 51)
+    assert not torch.allclose(head.weight, single["head.weight"], atol=1e-3)
+    assert not torch.allclose(trunk[0].weight, single["trunk.0.weight"], atol=1e-3)
+
+
 def test_topk_offline_distillation_learns_from_the_stored_file(tmp_path):
     result = load_example("topk_offline_distillation").main(["--tiny", "--file", str(tmp_path / "top_k.pt")])
     losses = result["losses"]
