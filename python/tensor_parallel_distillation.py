@@ -17,6 +17,7 @@ whole vocabulary, the gradient of its own rows, and the hidden states' whole gra
 from moekd_kernels import fused_linear_moe_kd_loss
 
 import argparse
+import copy
 import os
 
 import torch
@@ -49,12 +50,18 @@ def gather_rows(shard: torch.Tensor, num_rows: int, world: int) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
-def global_batches(num_steps: int, batch_size: int, num_features: int, num_classes: int):
-    """The same batches in every process: the batch is replicated, the vocabulary is split."""
+@torch.no_grad()
+def global_batches(num_steps: int, batch_size: int, num_features: int, teacher):
+    """The same batches in every process: the batch is replicated, the vocabulary is split.
+    The labels are the (whole) teacher's predictions, 20% of them replaced by noise: a task
+    the student can learn, and on which the teacher is sometimes wrong."""
     gen = torch.Generator().manual_seed(1)
+    teacher_trunk, teacher_head = teacher
     for _ in range(num_steps):
         x = torch.randn(batch_size, num_features, generator=gen)
-        y = torch.randint(num_classes, (batch_size,), generator=gen)
+        y = teacher_head(teacher_trunk(x)).argmax(-1)
+        noisy = torch.rand(batch_size, generator=gen) < 0.2
+        y[noisy] = torch.randint(teacher_head.out_features, (int(noisy.sum()),), generator=gen)
         y[torch.rand(batch_size, generator=gen) < 0.25] = -100  # unlabelled tokens, as in LM batches
         yield x, y
 
@@ -82,14 +89,16 @@ def main(argv=None):
         else torch.device("cpu")
 
     num_features, hidden_size, batch_size = 16, 32, 48
-    (teacher_trunk, teacher_head), (trunk, head) = make_models(num_features, hidden_size, args.classes)
+    teacher, (trunk, head) = make_models(num_features, hidden_size, args.classes)
+    labeller = copy.deepcopy(teacher)  # the whole teacher, on the CPU, for global_batches
+    teacher_trunk, teacher_head = teacher
     teacher_trunk = teacher_trunk.requires_grad_(False).eval().to(device)
     teacher_weight, teacher_bias = row_shard(teacher_head, rank, world, device)
     trunk = trunk.to(device)
     weight, bias = (nn.Parameter(p) for p in row_shard(head, rank, world, device))
     optimizer = torch.optim.SGD([*trunk.parameters(), weight, bias], lr=0.5)
 
-    for step, (x, y) in enumerate(global_batches(args.steps, batch_size, num_features, args.classes)):
+    for step, (x, y) in enumerate(global_batches(args.steps, batch_size, num_features, labeller)):
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             teacher_hidden = teacher_trunk(x)
