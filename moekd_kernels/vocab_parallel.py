@@ -4,8 +4,8 @@ Rank r holds the logits of the contiguous class slice [o_r, o_r + C_r), the
 slices in rank order; the target holds global class indices and is the same on
 every rank. The three phases of ``phases.py`` run on each slice, computed by the
 resolved backend's phase functions (``backends.Backend.phases``: the PyTorch ones
-for "reference", the C++ kernel's for "cpu"; "auto" takes the first of AUTO_ORDER
-that has them), and between them the per-row partial results cross the group as
+for "reference", the C++ kernel's for "cpu", the Triton kernel's for "triton"; "auto"
+takes the first of AUTO_ORDER that has them), and between them the per-row partial results cross the group as
 all-reduces:
 
     agreement   all_gather of 13 int64 per rank        slice sizes, shapes, target and option checks

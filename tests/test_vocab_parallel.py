@@ -81,6 +81,7 @@ def _conformance_worker(rank: int, world: int, rendezvous: str, backends) -> Non
         _check_conformance(rank, world, backend)
         _check_sharded_top_k_teacher(rank, _slices(11, WIDTHS[world]), backend)
         _check_sharded_fused_linear(rank, world, backend)
+        _check_usage_modes(rank, world, backend)
     dist.destroy_process_group()
 
 
@@ -172,6 +173,35 @@ def _check_sharded_top_k_teacher(rank: int, offsets, backend: str) -> None:
 
     module = MoEKDLoss(reduction="sum", backend=backend, process_group=dist.group.WORLD)
     assert torch.equal(module(student[:, lo:hi], teacher, target), loss.detach())
+
+
+def _check_usage_modes(rank: int, world: int, backend: str) -> None:
+    """no_grad and inference_mode give the training call's loss and stats; every integer
+    target dtype gives the int64 result; a second backward through one result is refused."""
+    from moekd_kernels import fused_moe_kd_loss
+
+    offsets = _slices(11, WIDTHS[world])
+    lo, hi = offsets[rank], offsets[rank + 1]
+    g = torch.Generator().manual_seed(21)
+    student, teacher = 3 * torch.randn(6, 11, generator=g), 3 * torch.randn(6, 11, generator=g)
+    target = torch.tensor([0, 10, 5, -100, 3, offsets[1] if world > 1 else 7])
+
+    def call(shard, labels=target):
+        return fused_moe_kd_loss(shard, teacher[:, lo:hi], labels, process_group=dist.group.WORLD,
+                                 backend=backend, return_stats=True)
+
+    shard = student[:, lo:hi].clone().requires_grad_(True)
+    loss, stats = call(shard)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            other, other_stats = call(shard)
+        assert not other.requires_grad
+        assert torch.equal(other, loss.detach()) and torch.equal(other_stats.agreement, stats.agreement)
+    for dtype in (torch.int32, torch.int16, torch.int8):
+        assert torch.equal(call(shard.detach(), target.to(dtype))[0], loss.detach()), dtype
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 def _check_sharded_fused_linear(rank: int, world: int, backend: str) -> None:
