@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from ._jit import (KERNEL_DTYPES, JitExtension, LoadedExtension, cache_root, check_kernel_inputs,
                    environment_key, kernel_options)
 from .options import MoEKDOptions
+from .phases import KernelPhases, SliceTeacher
 from .teachers import TopKRows
 
 # -O3 and the vector ISA of this CPU, but no -ffast-math: the kernel relies on
@@ -95,17 +96,7 @@ def forward(student: torch.Tensor, teacher, target: torch.Tensor,
     return loss, log_likelihood, agreement, grad
 
 
-class _SliceTeacher(NamedTuple):
-    """The teacher of a class slice as the phase kernels take it: dense logits (L, N, C_r),
-    or a top-k teacher (global indices) and the slice's first class."""
-
-    dense: Optional[torch.Tensor]
-    rows: Optional[TopKRows]
-    class_offset: int
-    opts: MoEKDOptions
-
-
-class _CpuPhases:
+class _CpuPhases(KernelPhases):
     """The phase functions of ``phases.py`` (same signatures, same results up to float32
     rounding), run by the C++ kernel on a class slice: per row, one thread and its scratch
     rows, and the teacher read by the same loaders as the fused kernel (a top-k teacher
@@ -118,43 +109,14 @@ class _CpuPhases:
                             KERNEL_DTYPES + (torch.float64,))
 
     @staticmethod
-    def dense_teacher(logits: torch.Tensor, opts: MoEKDOptions, acc: torch.dtype) -> _SliceTeacher:
-        return _SliceTeacher(logits, None, 0, opts)
-
-    @staticmethod
-    def top_k_teacher(rows: TopKRows, class_offset: int, width: int, opts: MoEKDOptions,
-                      acc: torch.dtype) -> _SliceTeacher:
-        return _SliceTeacher(None, rows, class_offset, opts)
-
-    @staticmethod
-    def _run(phase: int, student, teacher: _SliceTeacher, target, row_in, grad_scale: float = 1.0):
+    def run(phase: int, student, teacher: SliceTeacher, target, row_in, grad_scale=None):
         opts = teacher.opts
         if target is None:  # the first two phases do not read it
             target = torch.zeros(student.shape[0], dtype=torch.long)
         top_k = teacher.rows if teacher.rows is not None else (None, None, None)
         return EXTENSION.require("cpu").moe_kd_phase(
             phase, student, teacher.dense, *top_k, teacher.class_offset, target, row_in,
-            *kernel_options(opts), torch.get_num_threads(), grad_scale)
-
-    def row_maxima(self, student, teacher: _SliceTeacher, acc):
-        return self._run(0, student, teacher, None, None)
-
-    def row_sums_of_exp(self, student, teacher: _SliceTeacher, opts, maxima):
-        return self._run(1, student, teacher, None, maxima)
-
-    def estep_sums(self, student, teacher: _SliceTeacher, target, opts, norm, class_offset):
-        return self._run(2, student, teacher._replace(class_offset=class_offset), target, _norm_rows(norm))
-
-    def slice_gradient(self, student, teacher: _SliceTeacher, target, opts, norm, rows, class_offset,
-                       grad_scale=None):
-        row_in = torch.cat([_norm_rows(norm), rows.inv_G[None], rows.A[None], rows.R])
-        return self._run(3, student, teacher._replace(class_offset=class_offset), target, row_in,
-                         1.0 if grad_scale is None else float(grad_scale))
-
-
-def _norm_rows(norm) -> torch.Tensor:
-    """phases.Normalisers as the kernel's (2 + 2L, N) rows."""
-    return torch.cat([norm.max_s[None], norm.lse_s[None], norm.log_z_q, norm.lse_t])
+            *kernel_options(opts), torch.get_num_threads(), 1.0 if grad_scale is None else float(grad_scale))
 
 
 phases = _CpuPhases()

@@ -271,6 +271,50 @@ class TorchPhases:
 PYTORCH = TorchPhases()
 
 
+class SliceTeacher(NamedTuple):
+    """The teacher of a class slice as a phase kernel takes it: dense logits (L, N, C_r), or
+    a top-k teacher (global indices) and the slice's first class."""
+
+    dense: Optional[Tensor]
+    rows: Optional[TopKRows]
+    class_offset: int
+    opts: MoEKDOptions
+
+
+def normaliser_rows(norm: Normalisers) -> Tensor:
+    """``norm`` as a kernel's (2 + 2L, N) rows: max_s, lse_s, log_z_q (L), lse_t (L)."""
+    return torch.cat([norm.max_s[None], norm.lse_s[None], norm.log_z_q, norm.lse_t])
+
+
+class KernelPhases:
+    """``TorchPhases``' members for a kernel with one entry point per phase,
+    ``run(phase, student, teacher, target, row_in, grad_scale)``: phase 0–2 return their
+    (rows, N) float32 table, phase 3 the (N, C_r) gradient. ``row_in``: the global maxima
+    (phase 1); the normalisers' rows (phase 2); those, then inv_G, A and R_ℓ (phase 3).
+    A backend gives ``check_inputs`` and ``run``."""
+
+    def dense_teacher(self, logits: Tensor, opts: MoEKDOptions, acc: torch.dtype) -> SliceTeacher:
+        return SliceTeacher(logits, None, 0, opts)
+
+    def top_k_teacher(self, rows: TopKRows, class_offset: int, width: int, opts: MoEKDOptions,
+                      acc: torch.dtype) -> SliceTeacher:
+        return SliceTeacher(None, rows, class_offset, opts)
+
+    def row_maxima(self, student, teacher: SliceTeacher, acc):
+        return self.run(0, student, teacher, None, None)
+
+    def row_sums_of_exp(self, student, teacher: SliceTeacher, opts, maxima):
+        return self.run(1, student, teacher, None, maxima)
+
+    def estep_sums(self, student, teacher: SliceTeacher, target, opts, norm, class_offset):
+        return self.run(2, student, teacher._replace(class_offset=class_offset), target, normaliser_rows(norm))
+
+    def slice_gradient(self, student, teacher: SliceTeacher, target, opts, norm, rows, class_offset,
+                       grad_scale=None):
+        row_in = torch.cat([normaliser_rows(norm), rows.inv_G[None], rows.A[None], rows.R])
+        return self.run(3, student, teacher._replace(class_offset=class_offset), target, row_in, grad_scale)
+
+
 class LocalCombine:
     """``slice_rows``' combine step on one device: the slice is the whole row."""
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._jit import check_kernel_inputs
 from .options import MoEKDOptions
+from .phases import KernelPhases, SliceTeacher
 from .teachers import TopKRows
 
 try:
@@ -291,17 +292,7 @@ def _check_top_k(student: Tensor, teacher: TopKRows) -> None:
 
 # ---- the phases over a class slice (phases.py's contract, for the vocab-parallel path) ----
 
-class _SliceTeacher(NamedTuple):
-    """The teacher of a class slice as the phase kernel reads it: dense logits (L, N, C_r)
-    with contiguous classes, or a top-k teacher (global indices) and the slice's first class."""
-
-    dense: Optional[Tensor]
-    rows: Optional[TopKRows]
-    class_offset: int
-    opts: MoEKDOptions
-
-
-class _TritonPhases:
+class _TritonPhases(KernelPhases):
     """The phase functions of ``phases.py`` (same signatures, same results up to float32
     rounding), run by ``triton_kernels.moe_kd_phase_kernel``: one program per row, the
     fused kernels' passes over the slice's classes, the top-k teacher read as its K
@@ -313,18 +304,12 @@ class _TritonPhases:
         check_kernel_inputs("triton", student, teacher if teacher.dim() == 3 else teacher[None],
                             TEACHER_DTYPES, device_types=("cuda", "cpu"), max_levels=None)
 
-    @staticmethod
-    def dense_teacher(logits: Tensor, opts: MoEKDOptions, acc: torch.dtype) -> _SliceTeacher:
-        return _SliceTeacher(_dense_teacher(logits), None, 0, opts)
+    def dense_teacher(self, logits: Tensor, opts: MoEKDOptions, acc: torch.dtype) -> SliceTeacher:
+        return SliceTeacher(_dense_teacher(logits), None, 0, opts)
 
     @staticmethod
-    def top_k_teacher(rows: TopKRows, class_offset: int, width: int, opts: MoEKDOptions,
-                      acc: torch.dtype) -> _SliceTeacher:
-        return _SliceTeacher(None, rows, class_offset, opts)
-
-    @staticmethod
-    def _run(phase: int, student: Tensor, teacher: _SliceTeacher, target: Optional[Tensor],
-             row_in: Optional[Tensor], grad_scale=None) -> Tensor:
+    def run(phase: int, student: Tensor, teacher: SliceTeacher, target: Optional[Tensor],
+            row_in: Optional[Tensor], grad_scale=None) -> Tensor:
         """One launch of phase 0–3: its (rows, N) float32 table, or the (N, C_r) gradient."""
         opts = teacher.opts
         if teacher.rows is not None:
@@ -380,25 +365,6 @@ class _TritonPhases:
             num_warps=num_warps,
         )
         return out
-
-    def row_maxima(self, student, teacher: _SliceTeacher, acc):
-        return self._run(0, student, teacher, None, None)
-
-    def row_sums_of_exp(self, student, teacher: _SliceTeacher, opts, maxima):
-        return self._run(1, student, teacher, None, maxima)
-
-    def estep_sums(self, student, teacher: _SliceTeacher, target, opts, norm, class_offset):
-        return self._run(2, student, teacher._replace(class_offset=class_offset), target, _norm_rows(norm))
-
-    def slice_gradient(self, student, teacher: _SliceTeacher, target, opts, norm, rows, class_offset,
-                       grad_scale=None):
-        row_in = torch.cat([_norm_rows(norm), rows.inv_G[None], rows.A[None], rows.R])
-        return self._run(3, student, teacher._replace(class_offset=class_offset), target, row_in, grad_scale)
-
-
-def _norm_rows(norm) -> Tensor:
-    """phases.Normalisers as the kernel's (2 + 2L, N) rows: max_s, lse_s, log_z_q, lse_t."""
-    return torch.cat([norm.max_s[None], norm.lse_s[None], norm.log_z_q, norm.lse_t])
 
 
 phases = _TritonPhases()
