@@ -157,7 +157,10 @@ def agree_on_inputs(comm: Communicator, local_error: Optional[BaseException], *,
     bad = gathered[:, 0].nonzero().flatten().tolist()
     if bad:
         if local_error is not None:
-            raise local_error
+            try:
+                raise local_error
+            finally:
+                del local_error  # see reject_on_every_rank
         raise ValueError(f"process_group: rank(s) {bad} rejected their inputs (see the error raised "
                          "there); every rank stops before the loss runs")
     widths = gathered[:, 1]
@@ -195,10 +198,16 @@ def _reject_while_tracing(group_name: str, error_type: str, message: str) -> boo
 
 def reject_on_every_rank(process_group, error: Exception) -> NoReturn:
     """Raise ``error`` here and make every other rank raise too, at its agreement."""
-    if torch.compiler.is_compiling():
-        _reject_while_tracing(process_group.group_name, type(error).__name__, str(error))
-    agree_on_inputs(Communicator(process_group), error)
-    raise error  # not reached: agree_on_inputs raised it
+    try:
+        if torch.compiler.is_compiling():
+            _reject_while_tracing(process_group.group_name, type(error).__name__, str(error))
+        agree_on_inputs(Communicator(process_group), error)  # raises it
+    finally:
+        # A frame that holds the exception it raises is in a reference cycle with it
+        # (exception → traceback → frame → exception) that only the cyclic GC frees. These
+        # frames hold the group: kept alive, it keeps its gloo threads past
+        # destroy_process_group, and they abort the process at exit.
+        del error
 
 
 def checked_on_every_rank(process_group, check, *args, **kwargs):

@@ -165,6 +165,9 @@ MUTANTS: Tuple[Mutant, ...] = (
            "if low < 0 or high >= total:", "if low < 0:", "vocab-parallel"),
     Mutant("vocab-parallel-hidden-gradient-not-summed", "moekd_kernels/vocab_parallel.py",
            "            return self.comm.sum_(tensor)\n", "            return tensor\n", "vocab-parallel"),
+    # A caught error must not keep the group alive (its gloo threads abort the process at exit).
+    Mutant("vocab-parallel-raised-error-holds-the-group", "moekd_kernels/vocab_parallel.py",
+           "        del error\n", "        pass\n", "vocab-parallel"),
     # A rank that fails its checks while compiling must still join the agreement (else: a hang).
     Mutant("vocab-parallel-tracing-rank-does-not-join", "moekd_kernels/vocab_parallel.py",
            "        _reject_while_tracing(process_group.group_name, type(error).__name__, str(error))",

@@ -8,6 +8,7 @@ a timeout: a hang fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import tempfile
@@ -46,6 +47,21 @@ def _init(rank: int, world: int, rendezvous: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
+def _finish() -> None:
+    """Destroy the group with nothing left holding it (see _gloo_threads)."""
+    gc.collect()           # pytest.raises keeps each error in a cycle with the checks' frames
+    torch._dynamo.reset()  # compiled code's guards hold the group
+    dist.destroy_process_group()
+
+
+def _gloo_threads():
+    """gloo's threads in this process: a group that something still holds keeps them past
+    destroy_process_group, and their teardown at interpreter exit aborts the process."""
+    tasks = os.listdir("/proc/self/task")
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
+    return [name for name in names if "gloo" in name]
+
+
 def _slices(num_classes: int, widths):
     offsets = [0]
     for w in widths:
@@ -82,7 +98,7 @@ def _conformance_worker(rank: int, world: int, rendezvous: str, backends) -> Non
         _check_sharded_top_k_teacher(rank, _slices(11, WIDTHS[world]), backend)
         _check_sharded_fused_linear(rank, world, backend)
         _check_usage_modes(rank, world, backend)
-    dist.destroy_process_group()
+    _finish()
 
 
 def _check_conformance(rank: int, world: int, backend: str) -> None:
@@ -301,7 +317,21 @@ def _bad_input_worker(rank: int, world: int, rendezvous: str) -> None:
         _check_bad_input(rank, world, which)
     for which in ("target", "shape", "needs grad"):
         _check_bad_fused_linear_input(rank, world, which)
+    gc.collect()  # the pytest.raises above keep their errors in cycles
+    # A caller that catches the error plainly leaves nothing holding the group: the
+    # library's frames drop the exceptions they raise.
+    from moekd_kernels import fused_moe_kd_loss
+
+    for teacher_width in (3, 2 if rank == 1 else 3):   # the target, then this rank's own shape
+        try:
+            fused_moe_kd_loss(torch.randn(4, 3), torch.randn(4, teacher_width),
+                              torch.tensor([0, 1, 6 if rank == 1 else 5, -100]), process_group=dist.group.WORLD)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("bad input was not refused")
     dist.destroy_process_group()
+    assert not _gloo_threads(), f"rank {rank}: a caught error kept the group alive: {_gloo_threads()}"
 
 
 def _assert_nobody_is_stuck(world: int) -> None:
@@ -436,8 +466,7 @@ def _compile_worker(rank: int, world: int, rendezvous: str) -> None:
     message = str(info.value)
     assert ("teacher_logits must have" if rank == 1 else "rank(s) [1] rejected") in message, message
     _assert_nobody_is_stuck(world)
-    torch._dynamo.reset()  # the compiled code's guards hold the group
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_compiled_sharded_loss_equals_eager():
