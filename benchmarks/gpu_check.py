@@ -379,7 +379,8 @@ def section_vocab_parallel(rep, torch, B, device, tiny):
         if not tiny:
             shape = B.Shape(16384, 131072, 1)
             s, t, y = B.make_inputs(shape, torch.bfloat16, device, seed=5, ignore_frac=0.1)
-            for backend in backends:
+            # Kernels only: the reference's phases hold several N×C float32 temporaries.
+            for backend in [b for b in backends if b != "reference"]:
                 for pg in (None, group):
                     where = f"vocab-parallel timing {backend} {'sharded' if pg is not None else 'fused'}"
                     try:
@@ -390,7 +391,7 @@ def section_vocab_parallel(rep, torch, B, device, tiny):
                             fused_moe_kd_loss(leaf, t[0], y, backend=backend if pg is not None else "auto",
                                               process_group=pg, **options).backward()
 
-                        timing = B.time_fn(step, device, warmup=2, min_reps=5, max_reps=20)
+                        timing = B.time_fn(step, device, warmup=2, min_reps=5, max_reps=10)
                         rep.data.setdefault("vocab_parallel_timing", []).append(
                             {"backend": backend, "sharded": pg is not None, "ms": timing.median_s * 1e3,
                              "shape": str(shape), "dtype": "bf16"})
