@@ -299,8 +299,16 @@ def one_process_group(torch, device):
         dist.destroy_process_group()
 
 
+def _record_check(rep, label, row, errs, tol, ok=True):
+    """A correctness row compared with ``tol``, logged with its worst error."""
+    ok = ok and all(e <= tol for e in errs.values())
+    rep.data["correctness"].append({**row, "tol": tol, "ok": ok, **errs})
+    worst = max(errs, key=errs.get)
+    rep.log(f"{'ok  ' if ok else 'FAIL'} {label}: worst {worst} rel err {errs[worst]:.2e} (tol {tol:g})")
+
+
 def section_vocab_parallel(rep, torch, B, device, tiny):
-    from moekd_kernels import fused_linear_moe_kd_loss, fused_moe_kd_loss
+    from moekd_kernels import MoEKDStats, fused_linear_moe_kd_loss, fused_moe_kd_loss
     from moekd_kernels.backends import BACKENDS
     from moekd_kernels.options import resolve_options
     from moekd_kernels.reference import reference_forward
@@ -311,40 +319,39 @@ def section_vocab_parallel(rep, torch, B, device, tiny):
     options = dict(B.DEFAULT_OPTIONS)
     opts = resolve_options(1, ignore_index=-100, **{k: options.get(k) for k in (
         "temperature", "expert_strength", "level_weights", "gate_weight", "expert_weight")})
+
+    def stat_errors(loss, stats, want_loss, want_stats):
+        return {"loss": B.rel_err(loss, want_loss),
+                "log_likelihood": B.rel_err(stats.log_likelihood, want_stats.log_likelihood),
+                "agreement": B.rel_err(stats.agreement, want_stats.agreement)}
+
     with one_process_group(torch, device) as group:
         for dtype_name in ("fp32", "bf16"):
             dtype = B.DTYPES[dtype_name]
             s, t, y = B.make_inputs(B.Shape(rows, classes, 1), dtype, "cpu", seed=3, ignore_frac=0.2)
             exp_loss, exp_ll, exp_agree, exp_grad = reference_forward(s.double(), t.double(), y, opts)
-            tol = B.TOLERANCE[dtype]
             for backend in backends:
                 label = f"vocab-parallel {backend} {dtype_name} C={classes} N={rows}"
+                row = {"backend": f"sharded:{backend}", "dtype": dtype_name, "classes": classes, "levels": 1,
+                       "rows": rows}
                 try:
                     leaf = s.to(device).detach().clone().requires_grad_(True)
                     loss, stats = fused_moe_kd_loss(leaf, t[0].to(device), y.to(device), reduction="none",
                                                     backend=backend, return_stats=True, process_group=group,
                                                     **options)
                     loss.sum().backward()
-                    errs = {"loss": B.rel_err(loss, exp_loss), "grad": B.rel_err(leaf.grad, exp_grad),
-                            "log_likelihood": B.rel_err(stats.log_likelihood, exp_ll),
-                            "agreement": B.rel_err(stats.agreement, exp_agree)}
-                    ok = all(e <= tol for e in errs.values()) and leaf.grad.dtype == dtype
-                    rep.data["correctness"].append({"backend": f"sharded:{backend}", "dtype": dtype_name,
-                                                    "classes": classes, "levels": 1, "rows": rows, "tol": tol,
-                                                    "ok": ok, **errs})
-                    worst = max(errs, key=errs.get)
-                    rep.log(f"{'ok  ' if ok else 'FAIL'} {label}: worst {worst} rel err {errs[worst]:.2e}")
+                    errs = stat_errors(loss, stats, exp_loss, MoEKDStats(exp_ll, exp_agree))
+                    errs["grad"] = B.rel_err(leaf.grad, exp_grad)
+                    _record_check(rep, label, row, errs, B.TOLERANCE[dtype], leaf.grad.dtype == dtype)
                 except Exception as exc:  # noqa: BLE001
-                    rep.data["correctness"].append({"backend": f"sharded:{backend}", "dtype": dtype_name,
-                                                    "classes": classes, "levels": 1, "rows": rows, "ok": False,
-                                                    "error": f"{type(exc).__name__}: {exc}"})
+                    rep.data["correctness"].append({**row, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
                     rep.error(label, exc)
                     if _device_poisoned(exc):
                         raise
                 rep.save()
         for backend in backends:
-            label = f"vocab-parallel fused linear {backend}"
-            try:
+            label = f"vocab-parallel fused linear {backend}, vs the unsharded call"
+            with guarded(rep, label):
                 g = torch.Generator().manual_seed(4)
                 hidden = torch.randn(rows, 64, generator=g).to(device)
                 weight = (torch.randn(classes, 64, generator=g) / 8).to(device)
@@ -360,47 +367,31 @@ def section_vocab_parallel(rep, torch, B, device, tiny):
                     loss.backward()
                     results.append((loss, stats) + tuple(leaf.grad for leaf in leaves))
                 (loss, stats, grad_hidden, grad_weight), want = results[1], results[0]
-                errs = {"loss": B.rel_err(loss, want[0]),
-                        "grad": max(B.rel_err(grad_hidden, want[2]), B.rel_err(grad_weight, want[3])),
-                        "log_likelihood": B.rel_err(stats.log_likelihood, want[1].log_likelihood),
-                        "agreement": B.rel_err(stats.agreement, want[1].agreement)}
-                ok = all(e <= 1e-5 for e in errs.values())
-                rep.data["correctness"].append({"backend": f"sharded-linear:{backend}", "dtype": "fp32",
-                                                "classes": classes, "levels": 1, "rows": rows, "tol": 1e-5,
-                                                "ok": ok, **errs})
-                worst = max(errs, key=errs.get)
-                rep.log(f"{'ok  ' if ok else 'FAIL'} {label}: worst {worst} rel err vs the unsharded call "
-                        f"{errs[worst]:.2e}")
-            except Exception as exc:  # noqa: BLE001
-                rep.error(label, exc)
-                if _device_poisoned(exc):
-                    raise
+                errs = stat_errors(loss, stats, want[0], want[1])
+                errs["grad"] = max(B.rel_err(grad_hidden, want[2]), B.rel_err(grad_weight, want[3]))
+                _record_check(rep, label, {"backend": f"sharded-linear:{backend}", "dtype": "fp32",
+                                           "classes": classes, "levels": 1, "rows": rows}, errs, 1e-5)
             rep.save()
         if not tiny:
             shape = B.Shape(16384, 131072, 1)
             s, t, y = B.make_inputs(shape, torch.bfloat16, device, seed=5, ignore_frac=0.1)
-            # Kernels only: the reference's phases hold several N×C float32 temporaries.
-            for backend in [b for b in backends if b != "reference"]:
-                for pg in (None, group):
-                    where = f"vocab-parallel timing {backend} {'sharded' if pg is not None else 'fused'}"
-                    try:
-                        leaf = s.detach().requires_grad_(True)
+            # The fused call once, then each kernel's sharded call (the reference's phases hold
+            # several N×C float32 temporaries).
+            for backend, pg in [("auto", None)] + [(b, group) for b in backends if b != "reference"]:
+                where = f"vocab-parallel timing {backend} {'sharded' if pg is not None else 'fused'}"
+                with guarded(rep, where):
+                    leaf = s.detach().requires_grad_(True)
 
-                        def step():
-                            leaf.grad = None
-                            fused_moe_kd_loss(leaf, t[0], y, backend=backend if pg is not None else "auto",
-                                              process_group=pg, **options).backward()
+                    def step():
+                        leaf.grad = None
+                        fused_moe_kd_loss(leaf, t[0], y, backend=backend, process_group=pg, **options).backward()
 
-                        timing = B.time_fn(step, device, warmup=2, min_reps=5, max_reps=10)
-                        rep.data.setdefault("vocab_parallel_timing", []).append(
-                            {"backend": backend, "sharded": pg is not None, "ms": timing.median_s * 1e3,
-                             "shape": str(shape), "dtype": "bf16"})
-                        rep.log(f"{where}: {timing.median_s * 1e3:.2f} ms (N=16384, C=131072, bf16)")
-                    except Exception as exc:  # noqa: BLE001
-                        rep.error(where, exc)
-                        if _device_poisoned(exc):
-                            raise
-                    rep.save()
+                    timing = B.time_fn(step, device, warmup=2, min_reps=5, max_reps=10)
+                    rep.data.setdefault("vocab_parallel_timing", []).append(
+                        {"backend": backend, "sharded": pg is not None, "ms": timing.median_s * 1e3,
+                         "shape": str(shape), "dtype": "bf16"})
+                    rep.log(f"{where}: {timing.median_s * 1e3:.2f} ms (N=16384, C=131072, bf16)")
+                rep.save()
 
 
 def timing_plan(args, B):
