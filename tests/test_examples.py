@@ -221,10 +221,10 @@ def test_trl_forward_kl_has_our_gradient_at_beta_zero(dtype, temperature, num_it
                                rtol=tol, atol=tol)
 
 
-def test_ddp_distillation_equals_one_process(tmp_path):
-    """Two gloo ranks with DDP and num_items_in_batch train the same weights as one process
-    on the whole batch."""
-    script = str(EXAMPLES / "ddp_distillation.py")
+def _one_process_equals_two_ranks(example: str, tmp_path):
+    """Runs ``example --tiny`` in one process and with 2 gloo ranks under torchrun, asserts that
+    both save the same weights, and returns the one-process weights."""
+    script = str(EXAMPLES / example)
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
@@ -232,10 +232,17 @@ def test_ddp_distillation_equals_one_process(tmp_path):
                    env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     script, "--tiny", "--save", str(two)], check=True, timeout=300, env=env)
-    single, ddp = torch.load(one), torch.load(two)
-    assert single.keys() == ddp.keys()
+    single, distributed = torch.load(one), torch.load(two)
+    assert single.keys() == distributed.keys()
     for name in single:
-        assert torch.allclose(single[name], ddp[name], rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(single[name], distributed[name], rtol=1e-5, atol=1e-6), name
+    return single
+
+
+def test_ddp_distillation_equals_one_process(tmp_path):
+    """Two gloo ranks with DDP and num_items_in_batch train the same weights as one process
+    on the whole batch."""
+    single = _one_process_equals_two_ranks("ddp_distillation.py", tmp_path)
     # The run changed the weights: a comparison of two untouched initialisations would pass.
     _, initial = load_example("ddp_distillation").make_models(16, 50)
     assert not torch.allclose(initial.weight, single["weight"], atol=1e-3)
@@ -244,18 +251,7 @@ def test_ddp_distillation_equals_one_process(tmp_path):
 def test_tensor_parallel_distillation_equals_one_process(tmp_path):
     """Two gloo ranks, each holding its rows of the output layers (26 and 25 of 51), train the
     same trunk and output layer as one process on the whole vocabulary."""
-    script = str(EXAMPLES / "tensor_parallel_distillation.py")
-    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, script, "--tiny", "--save", str(one)], check=True, timeout=180,
-                   env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    script, "--tiny", "--save", str(two)], check=True, timeout=300, env=env)
-    single, sharded = torch.load(one), torch.load(two)
-    assert single.keys() == sharded.keys()
-    for name in single:
-        assert torch.allclose(single[name], sharded[name], rtol=1e-5, atol=1e-6), name
+    single = _one_process_equals_two_ranks("tensor_parallel_distillation.py", tmp_path)
     # The run changed the weights: a comparison of two untouched initialisations would pass.
     _, (trunk, head) = load_example("tensor_parallel_distillation").make_models(16, 32, 51)
     assert not torch.allclose(head.weight, single["head.weight"], atol=1e-3)
