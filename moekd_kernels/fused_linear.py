@@ -237,13 +237,17 @@ class LocalRows:
         return tensor
 
 
-def _rows_of(backend: str, opts: MoEKDOptions, chunk_size: int, group_name: Optional[str],
-             target: Tensor, vocab_size: int, settings) -> Tuple[object, int]:
+def _rows_of(backend: str, opts: MoEKDOptions, chunk_size: int, group_name: Optional[str], *,
+             target: Tensor, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+             reduction: str, num_items: Optional[Tensor], need_hidden: bool) -> Tuple[object, int]:
     """The chunks' rows function and the rows per chunk: with a group, agreed on by every
     rank first (the same chunks everywhere: the fewest rows any rank asked for)."""
     if group_name is None:
         return LocalRows(backend, opts), chunk_size
-    rows_of = agreed_slice_rows(group_name, backend, opts, target=target, width=vocab_size,
+    # What every rank must pass alike (vocab_parallel.agree_on_inputs).
+    settings = (opts, reduction, "fused linear", count_setting(num_items), student_hidden.shape[1],
+                tuple(teacher_hidden.shape[::2]), need_hidden)
+    rows_of = agreed_slice_rows(group_name, backend, opts, target=target, width=student_weight.shape[0],
                                 settings=settings, chunk_rows=chunk_size)
     return rows_of, rows_of.agreed.chunk_rows
 
@@ -252,13 +256,6 @@ def _options(temperatures, expert_strengths, level_weights, gate_weight, expert_
              ignore_index) -> MoEKDOptions:
     return MoEKDOptions(tuple(temperatures), tuple(expert_strengths), tuple(level_weights),
                         gate_weight, expert_weight, ignore_index)
-
-
-def _settings(opts: MoEKDOptions, reduction: str, num_items: Optional[Tensor], student_hidden: Tensor,
-              teacher_hidden: Tensor, need_hidden: bool):
-    """What every rank of a group must pass alike (``vocab_parallel.agree_on_inputs``)."""
-    return (opts, reduction, "fused linear", count_setting(num_items), student_hidden.shape[1],
-            tuple(teacher_hidden.shape[::2]), need_hidden)
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -309,9 +306,10 @@ def fused_linear_op(
     if divisor is not None:
         divisor = divisor.to(acc)
     grad_scale = None if divisor is None else 1.0 / divisor
-    rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target, student_weight.shape[0],
-                                   _settings(opts, reduction, num_items, student_hidden, teacher_hidden,
-                                             need_hidden))
+    rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target=target,
+                                   student_hidden=student_hidden, student_weight=student_weight,
+                                   teacher_hidden=teacher_hidden, reduction=reduction, num_items=num_items,
+                                   need_hidden=need_hidden)
     with torch.autocast(student_hidden.device.type, enabled=False):
         rows, grad_hidden, grad_weight, grad_bias = _run_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -374,9 +372,10 @@ def fused_linear_rows_backward_op(
     """Backward of ``reduction="none"``: the chunks again, row i's gradient times grad_rows[i]."""
     opts = _options(temperatures, expert_strengths, level_weights, gate_weight, expert_weight,
                     ignore_index)
-    rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target, student_weight.shape[0],
-                                   _settings(opts, "none", None, student_hidden, teacher_hidden,
-                                             need_hidden))
+    rows_of, chunk_size = _rows_of(backend, opts, chunk_size, group_name, target=target,
+                                   student_hidden=student_hidden, student_weight=student_weight,
+                                   teacher_hidden=teacher_hidden, reduction="none", num_items=None,
+                                   need_hidden=need_hidden)
     with torch.autocast(student_hidden.device.type, enabled=False):
         _, grad_hidden, grad_weight, grad_bias = _run_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
