@@ -538,6 +538,21 @@ def _top_k_teacher_lse(value_rows, index_rows, value_k_stride, index_k_stride, r
 
 
 @triton.jit
+def _unlisted_block_u(s_row, s, cols, num_classes, y, pi_rest, log_zs, base_s, log_zq, inv_tau, exp_beta,
+                      expm1_beta, level_weight, SINGLE_BLOCK: tl.constexpr, HAS_GATE: tl.constexpr):
+    """_block_u_pi for the block ``cols`` of a top-k row as if no class were listed: every
+    class has the gate π_ρ of the unlisted ones. ``s``: the row's one block when SINGLE_BLOCK."""
+    if SINGLE_BLOCK:
+        s_block = s
+    else:
+        s_block = _load_s(s_row, cols, num_classes)
+    # Classes past C get π = 0 (an unlisted class has π_ρ, a missing one nothing).
+    pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
+    return _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq, inv_tau, exp_beta, expm1_beta,
+                       level_weight, HAS_GATE)
+
+
+@triton.jit
 def _top_k_u_sums(s_row, s, num_classes, y, value_rows, index_rows, value_k_stride, index_k_stride, num_entries,
                   class_offset, level_ok, pi_rest, log_zs, base_s, log_zq, base_t, log_zt,
                   inv_tau, exp_beta, expm1_beta, level_weight, LP: tl.constexpr, BLOCK: tl.constexpr,
@@ -558,15 +573,9 @@ def _top_k_u_sums(s_row, s, num_classes, y, value_rows, index_rows, value_k_stri
     # (A NaN π_ρ is not 0: it runs and propagates.)
     dense_end = tl.where(tl.sum(tl.where(pi_rest != 0.0, 1, 0), axis=0) > 0, num_classes, 0)
     for start in range(0, dense_end, BLOCK):
-        cols = start + cols0
-        if SINGLE_BLOCK:
-            s_block = s
-        else:
-            s_block = _load_s(s_row, cols, num_classes)
-        # Classes past C get π = 0 (an unlisted class has π_ρ, a missing one nothing).
-        pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
-        sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
-                                                inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        sigma, D, inv_D, u, log_q = _unlisted_block_u(s_row, s, start + cols0, num_classes, y, pi_rest, log_zs,
+                                                      base_s, log_zq, inv_tau, exp_beta, expm1_beta,
+                                                      level_weight, SINGLE_BLOCK, HAS_GATE)
         bG, bD, blogD, bl, blogq = _u_sums_split(u, D, inv_D, log_q, HAS_EXPERT, HAS_GATE)
         G += bG
         u_over_D += bD
@@ -620,13 +629,9 @@ def _top_k_gradient(grad_row, grad_scale, s_row, s, num_classes, y, value_row, v
     value_rows = value_row + levels64[:, None] * value_level_stride
     for start in range(0, num_classes, BLOCK):
         cols = start + cols0
-        if SINGLE_BLOCK:
-            s_block = s
-        else:
-            s_block = _load_s(s_row, cols, num_classes)
-        pi = tl.where((cols < num_classes)[None, :], pi_rest[:, None], 0.0)
-        sigma, D, inv_D, u, log_q = _block_u_pi(s_block, pi, cols == y, log_zs, base_s, log_zq,
-                                                inv_tau, exp_beta, expm1_beta, level_weight, HAS_GATE)
+        sigma, D, inv_D, u, log_q = _unlisted_block_u(s_row, s, cols, num_classes, y, pi_rest, log_zs, base_s,
+                                                      log_zq, inv_tau, exp_beta, expm1_beta, level_weight,
+                                                      SINGLE_BLOCK, HAS_GATE)
         grad = grad_scale * _block_grad(sigma, inv_D, u, log_q, cols == y, tau, inv_G, A, R,
                                         gate_weight, expert_weight, HAS_EXPERT, HAS_GATE)
         tl.store(grad_row + cols, _round_to(grad, grad_row.dtype.element_ty), mask=cols < num_classes)
