@@ -88,6 +88,10 @@ def main(argv=None):
     if args.save and rank == 0:
         torch.save({k: v.cpu() for k, v in student.state_dict().items()}, args.save)
     if distributed:
+        # DDP's reducer holds the group: freed at exit instead, the group's destructor would
+        # wait for gloo's threads while holding the GIL, which one of them may still need to
+        # free a tensor of the last collective (a hang about one run in ten).
+        del model
         dist.destroy_process_group()
 
 
